@@ -1,0 +1,1 @@
+"""Networks: the DifFace UNet prior, SwinIR (RM and TM), the std estimator and DGSA."""
