@@ -36,7 +36,9 @@ def load_state_dict(path_or_uri: str, *, sha256: str | None = None) -> dict[str,
     """
     data = read_bytes(path_or_uri)
     if sha256 is not None and sha256_hex(data) != sha256.lower():
-        raise ChecksumError(f"{path_or_uri}: sha256 {sha256_hex(data)} does not match the manifest's {sha256}")
+        raise ChecksumError(
+            f"{path_or_uri}: sha256 {sha256_hex(data)} does not match the manifest's {sha256}"
+        )
     if str(path_or_uri).endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 

@@ -1,0 +1,45 @@
+"""Parquet catalogs of runs, images and faces: schemas, atomic part writers, readers and SQL.
+
+Typical use: `cat = Catalog("s3://bucket/catalog")` (or a local path, `file://`, `memory://`), then
+`cat.write_part("images", rows, run_id=run_id)` after the outputs exist, `cat.committed_image_ids(h)`
+to resume, and `sql(cat, "SELECT status, COUNT(*) FROM images GROUP BY status")` to look back.
+"""
+
+from __future__ import annotations
+
+from catalogs.query import connect, format_table, sql
+from catalogs.schemas import (
+    COMMITTED_STATUSES,
+    FACES_SCHEMA,
+    IMAGE_STATUSES,
+    IMAGES_SCHEMA,
+    RUNS_SCHEMA,
+    TABLE_NAMES,
+    TABLE_SCHEMAS,
+    TableName,
+    conform_table,
+    empty_table,
+    rows_to_table,
+    schema_for,
+)
+from catalogs.store import Catalog, table_to_frame
+
+__all__ = [
+    "COMMITTED_STATUSES",
+    "FACES_SCHEMA",
+    "IMAGES_SCHEMA",
+    "IMAGE_STATUSES",
+    "RUNS_SCHEMA",
+    "TABLE_NAMES",
+    "TABLE_SCHEMAS",
+    "Catalog",
+    "TableName",
+    "conform_table",
+    "connect",
+    "empty_table",
+    "format_table",
+    "rows_to_table",
+    "schema_for",
+    "sql",
+    "table_to_frame",
+]

@@ -1,0 +1,164 @@
+"""Writing model packs: safetensors files + a manifest with sha256s. Also tiny random-weight packs.
+
+Random packs exist so the pipeline, tests and benchmarks run with every component of the method
+before trained weights exist; their outputs are not restorations.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from dynface.checkpoints import sha256_hex
+from dynface.diffusion import linear_betas
+from dynface.dsst import DSSTTable, build_dsst_table, radial_frequency
+from dynface.models.dgsa import build_dgsa
+from dynface.models.se import build_sde
+from dynface.models.swinir import build_swinir
+from dynface.models.unet import build_unet
+
+
+def _write(uri: str, data: bytes) -> None:
+    with fsspec.open(uri, "wb") as f:
+        f.write(data)
+
+
+def state_dict_bytes(module: nn.Module) -> bytes:
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return save_safetensors(state)
+
+
+def write_pack(
+    folder: str,
+    *,
+    name: str,
+    resolution: int,
+    std_range: tuple[float, float],
+    networks: dict[str, tuple[nn.Module, dict[str, Any]]],
+    dsst: DSSTTable | None,
+    sampler: dict[str, Any] | None = None,
+    card: str | None = None,
+) -> str:
+    """Write `networks` ({component: (module, config)}) and the DSST table; returns the manifest URI."""
+    folder = folder.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(folder)
+    fs.makedirs(path, exist_ok=True)
+    components: dict[str, Any] = {}
+    for comp, (module, config) in networks.items():
+        data = state_dict_bytes(module)
+        _write(f"{folder}/{comp}.safetensors", data)
+        components[comp] = {"file": f"{comp}.safetensors", "sha256": sha256_hex(data), "config": config}
+    if dsst is not None:
+        data = dsst.to_json().encode()
+        _write(f"{folder}/dsst.json", data)
+        components["dsst"] = {"file": "dsst.json", "sha256": sha256_hex(data)}
+    manifest = {
+        "name": name,
+        "resolution": resolution,
+        "std_range": list(std_range),
+        "components": components,
+        "sampler": sampler or {},
+    }
+    if card:
+        manifest["card"] = card
+    uri = f"{folder}/manifest.json"
+    _write(uri, json.dumps(manifest, indent=2).encode())
+    return uri
+
+
+def tiny_configs(resolution: int) -> dict[str, dict[str, Any]]:
+    """Small configs of every network for a pack at `resolution` (32 or 64 px)."""
+    if resolution % 32:
+        raise ValueError("tiny packs need a resolution that is a multiple of 32")
+    swinir = {
+        "img_size": resolution // 4,
+        "patch_size": 1,
+        "in_chans": 3,
+        "embed_dim": 24,
+        "depths": [2],
+        "num_heads": [2],
+        "window_size": 8,
+        "mlp_ratio": 2,
+        "sf": 4,
+        "img_range": 1.0,
+        "upsampler": "nearest+conv",
+        "resi_connection": "1conv",
+        "unshuffle": True,
+        "unshuffle_scale": 4,
+    }
+    lo, hi = 1.0 * resolution / 512, 15.0 * resolution / 512
+    return {
+        "prior": {
+            "image_size": resolution,
+            "in_channels": 3,
+            "model_channels": 32,
+            "out_channels": 6,
+            "num_res_blocks": 1,
+            "attention_resolutions": [resolution // 4],
+            "dropout": 0.0,
+            "channel_mult": [1, 1, 2],
+            "num_head_channels": 32,
+            "use_scale_shift_norm": True,
+        },
+        "rm": swinir,
+        "tm": swinir,
+        "sde": {"width": 8, "num_stages": 2, "input_size": resolution, "std_min": lo, "std_max": hi},
+        "dgsa": {"hidden": 8},
+    }
+
+
+def power_law_psd(resolution: int, exponent: float = 2.0) -> np.ndarray:
+    """A natural-image-like power spectrum P(f) ∝ (|f| + f0)^-exponent, normalised to unit mean."""
+    f = radial_frequency(resolution, resolution)
+    psd = (f + 1.0 / resolution) ** -exponent
+    return psd / psd.mean()
+
+
+def write_random_pack(
+    folder: str,
+    *,
+    resolution: int = 32,
+    seed: int = 0,
+    with_se: bool = True,
+    with_dgsa: bool = True,
+    sampler: dict[str, Any] | None = None,
+) -> str:
+    """A complete pack of randomly initialised tiny networks (for tests and benchmarks)."""
+    torch.manual_seed(seed)
+    configs = tiny_configs(resolution)
+    builders = {
+        "prior": build_unet,
+        "rm": build_swinir,
+        "tm": build_swinir,
+        "sde": build_sde,
+        "dgsa": build_dgsa,
+    }
+    wanted = ["prior", "rm"] + (["tm", "sde"] if with_se else []) + (["dgsa"] if with_dgsa else [])
+    networks = {c: (builders[c](configs[c]), configs[c]) for c in wanted}
+    std_range = (configs["sde"]["std_min"], configs["sde"]["std_max"])
+    alphas_cumprod = np.cumprod(1.0 - linear_betas())
+    dsst = build_dsst_table(
+        power_law_psd(resolution),
+        alphas_cumprod,
+        resolution=resolution,
+        std_min=std_range[0],
+        std_max=std_range[1],
+        std_step=0.1 * resolution / 512,
+        source="synthetic power-law spectrum (random test pack)",
+    )
+    return write_pack(
+        folder,
+        name=f"random-{resolution}",
+        resolution=resolution,
+        std_range=std_range,
+        networks=networks,
+        dsst=dsst,
+        sampler={"respacing": "ddim50", "batch_size": 4, **(sampler or {})},
+        card="Random weights: for tests and benchmarks only, not a restoration model.",
+    )

@@ -1,0 +1,288 @@
+"""`Restorer`: one object, one verb. Aligned face crops in, restored faces plus diagnostics out."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dynface.dblm import DBLMOutput, run_dblm, to_reference_std
+from dynface.diffusion import Diffusion
+from dynface.packs import LoadedPack, load_pack
+from dynface.sampler import SampleBatch, SamplerConfig, StepInfo, sample
+
+Method = Literal["full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only"]
+METHODS: tuple[str, ...] = ("full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only")
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """How faces are restored. `method` picks the variant; the rest are the method's knobs.
+
+    Methods (the ablation ladder of the paper plus two baselines):
+      full            DBLM + DSST + DGSA + multi-guidance + kernel-std update (DynFaceRestore)
+      dblm_dsst_dgsa  single guidance level, no kernel update
+      dblm_dsst       single level, global guidance (A_t = 1)
+      dblm            DPS-style global guidance toward ý from t = 999: no DSST, no DGSA
+      difface         DifFace: RM(y) diffused to a fixed t = 400, unguided DDIM, η = 0.5
+      rm_only         the restorer RM alone
+    """
+
+    method: Method = "full"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    offsets: tuple[float, ...] = (0.0, 1.0, 2.0)  # multi-guidance std offsets, pixels at 512
+    level_weights: tuple[float, ...] | None = None  # None: equal, renormalised over active levels
+    eta: float | None = None  # None: dynamic η = clip(std*/eta_divisor, 0, 1), std* at 512 px
+    eta_divisor: float = 10.0
+    fixed_std: float = 6.0  # pixels at 512: std* for packs without an SE network
+    difface_t_start: int = 400
+    dblm_t_start: int = 999
+    init_from: Literal["blurred", "restored"] = "blurred"  # [choice] §3.10
+    batch_size: int = 8
+    seed: int = 12345
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RestoreConfig:
+        """Flat dict (as stored in a pack's `sampler` section or given on a command line)."""
+        own = {f.name for f in fields(cls)} - {"sampler"}
+        sampler_keys = {f.name for f in fields(SamplerConfig)}
+        unknown = set(values) - own - sampler_keys
+        if unknown:
+            raise ValueError(f"unknown restore options: {sorted(unknown)}")
+        mine = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in own}
+        return cls(**mine, sampler=SamplerConfig(**{k: v for k, v in values.items() if k in sampler_keys}))
+
+    def merged(self, values: dict[str, Any]) -> RestoreConfig:
+        base = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sampler"}
+        base.update({f.name: getattr(self.sampler, f.name) for f in fields(SamplerConfig)})
+        base.update(values)
+        return RestoreConfig.from_dict(base)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sampler"}
+        out.update({f.name: getattr(self.sampler, f.name) for f in fields(SamplerConfig)})
+        return out
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    image: np.ndarray  # (H, W, 3) uint8, same size as the input crop
+    method: str
+    seed: int
+    std_hat: float  # std* in pixels at the pack's resolution (nan for rm_only)
+    std_hat_512: float  # the same in pixels at 512
+    std_final: tuple[float, ...]  # kernel stds of the levels after the updates
+    levels: tuple[float, ...]  # guidance level stds used (initial)
+    t_start: int
+    eta: float
+    n_steps: int
+    guidance_residual: float | None  # RMS ‖ý − k ⊛ x0‖ of the main level for the result, [-1, 1] units
+    timings: dict[str, float]
+
+
+def face_seed(face: np.ndarray, base_seed: int) -> int:
+    """Seed derived from the pixels, so a face gets the same noise alone, in a batch, or re-run."""
+    digest = hashlib.sha256(np.ascontiguousarray(face).tobytes() + base_seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def _to_tensor(face: np.ndarray) -> Tensor:
+    if face.ndim != 3 or face.shape[2] != 3:
+        raise ValueError(f"faces must be (H, W, 3) arrays, got {face.shape}")
+    arr = face.astype(np.float32) / 255.0 if face.dtype == np.uint8 else face.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+
+
+def _to_uint8(x: Tensor) -> np.ndarray:
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Restorer:
+    """Holds a loaded pack on a device. `restore(faces)` is the only verb."""
+
+    def __init__(self, pack: LoadedPack, config: RestoreConfig, device: torch.device) -> None:
+        self.pack = pack
+        self.config = config
+        self.device = device
+        self.resolution = pack.manifest.resolution
+        self.std_range = pack.manifest.std_range
+        self.diffusion = Diffusion.create(config.sampler.respacing)
+        for net in pack.networks().values():
+            net.to(device)
+
+    @classmethod
+    def from_pack(
+        cls,
+        pack: str | LoadedPack = "starter",
+        *,
+        config: RestoreConfig | None = None,
+        overrides: dict[str, Any] | None = None,
+        device: str | torch.device | None = None,
+    ) -> Restorer:
+        """Load a pack (name, manifest path/URI or loaded) with its stored sampler defaults applied."""
+        loaded = pack if isinstance(pack, LoadedPack) else load_pack(pack)
+        cfg = config if config is not None else RestoreConfig().merged(dict(loaded.manifest.sampler))
+        if overrides:
+            cfg = cfg.merged(overrides)
+        dev = torch.device(device) if device is not None else default_device()
+        return cls(loaded, cfg, dev)
+
+    def with_config(self, **overrides: Any) -> Restorer:
+        return Restorer(self.pack, self.config.merged(overrides), self.device)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _dblm(self, y: Tensor) -> DBLMOutput:
+        cfg = self.config
+        method = cfg.method
+        single = method in ("dblm_dsst_dgsa", "dblm_dsst", "dblm")
+        fixed_t = {"difface": cfg.difface_t_start, "dblm": cfg.dblm_t_start}.get(method)
+        return run_dblm(
+            y,
+            self.pack.rm,
+            self.pack.se,
+            None if fixed_t is not None else self.pack.dsst,
+            resolution=self.resolution,
+            std_range=self.std_range,
+            offsets=cfg.offsets[:1] if single else cfg.offsets,
+            weights=None if single or cfg.level_weights is None else cfg.level_weights,
+            fixed_std=cfg.fixed_std * self.resolution / 512,
+            fixed_t_start=fixed_t,
+        )
+
+    def _sampler_config(self) -> SamplerConfig:
+        cfg, method = self.config, self.config.method
+        s = cfg.sampler
+        if method == "difface":
+            return s.with_(mode="none")
+        if method in ("dblm", "dblm_dsst"):
+            return s.with_(use_dgsa=False, kernel_update=False)
+        if method == "dblm_dsst_dgsa":
+            return s.with_(kernel_update=False)
+        return s
+
+    def _eta(self, std_hat: Tensor) -> Tensor:
+        cfg = self.config
+        if cfg.method == "difface":
+            return torch.full_like(std_hat, 0.5 if cfg.eta is None else cfg.eta)
+        if cfg.eta is not None:
+            return torch.full_like(std_hat, cfg.eta)
+        return (to_reference_std(std_hat, self.resolution) / cfg.eta_divisor).clamp(0, 1)
+
+    # -- the verb -------------------------------------------------------------------------------
+    def restore(
+        self,
+        faces: Sequence[np.ndarray],
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: Callable[[StepInfo], None] | None = None,
+    ) -> list[FaceResult]:
+        """Restore aligned face crops ((H, W, 3) uint8 or float in [0, 1]); results in input order."""
+        if seeds is not None and len(seeds) != len(faces):
+            raise ValueError("one seed per face")
+        seeds = [face_seed(f, self.config.seed) for f in faces] if seeds is None else list(seeds)
+        results: list[FaceResult | None] = [None] * len(faces)
+        bs = self.config.batch_size
+        for start in range(0, len(faces), bs):
+            chunk = list(range(start, min(start + bs, len(faces))))
+            for i, res in zip(
+                chunk, self._restore_batch([faces[i] for i in chunk], [seeds[i] for i in chunk], progress)
+            ):
+                results[i] = res
+        return [r for r in results if r is not None]
+
+    def _restore_batch(
+        self, faces: list[np.ndarray], seeds: list[int], progress: Callable[[StepInfo], None] | None
+    ) -> list[FaceResult]:
+        res = (self.resolution, self.resolution)
+        t0 = time.perf_counter()
+        sizes = [f.shape[:2] for f in faces]
+        y = torch.stack([_resize(_to_tensor(f).unsqueeze(0), res)[0] for f in faces]).to(self.device)
+        dblm = self._dblm(y)
+        t1 = time.perf_counter()
+        cfg = self.config
+        if cfg.method == "rm_only":
+            images = dblm.restored
+            out = None
+            eta = torch.zeros_like(dblm.std_hat)
+            t_start = torch.zeros(len(faces), dtype=torch.long)
+        else:
+            targets = dblm.targets
+            t_start = targets.t_starts.max(dim=1).values
+            init = 2 * dblm.restored - 1 if (cfg.method == "difface" or cfg.init_from == "restored") else None
+            if init is None:
+                # [choice] §3.10: diffuse the target whose start is latest (the most blurred level).
+                pick = targets.t_starts.argmax(dim=1)
+                init = targets.targets[torch.arange(len(faces)), pick]
+            eta = self._eta(dblm.std_hat)
+            batch = SampleBatch(init=init, t_start=t_start, eta=eta, seeds=seeds, targets=targets)
+            out = sample(
+                self.pack.prior,
+                self.diffusion,
+                batch,
+                self._sampler_config(),
+                dgsa=self.pack.dgsa,
+                std_range=self.std_range,
+                progress=progress,
+            )
+            images = (out.images + 1) / 2
+        t2 = time.perf_counter()
+        results = []
+        n = len(faces)
+        for i, size in enumerate(sizes):
+            valid = dblm.targets.valid[i]
+            levels = tuple(float(s) for s, v in zip(dblm.targets.stds[i], valid) if v)
+            std_final = (
+                tuple(float(s) for s, v in zip(out.stds_final[i], valid) if v) if out is not None else levels
+            )
+            std_hat = float(dblm.std_hat[i])
+            results.append(
+                FaceResult(
+                    image=_to_uint8(_resize(images[i : i + 1].float().cpu(), tuple(size))[0]),
+                    method=cfg.method,
+                    seed=int(seeds[i]),
+                    std_hat=std_hat,
+                    std_hat_512=float(to_reference_std(std_hat, self.resolution)),
+                    std_final=std_final,
+                    levels=levels,
+                    t_start=int(t_start[i]),
+                    eta=float(eta[i]),
+                    n_steps=int(out.n_steps[i]) if out is not None else 0,
+                    guidance_residual=(
+                        float(out.final_residual[i])
+                        if out is not None and out.final_residual is not None
+                        else None
+                    ),
+                    timings={"dblm_s": (t1 - t0) / n, "sample_s": (t2 - t1) / n},
+                )
+            )
+        return results
+
+
+def restore_config_fields() -> list[str]:
+    """Names accepted by `RestoreConfig.from_dict` (for CLIs and flow parameters)."""
+    return sorted(
+        {f.name for f in fields(RestoreConfig)} - {"sampler"} | {f.name for f in fields(SamplerConfig)}
+    )
