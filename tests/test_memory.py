@@ -1,0 +1,26 @@
+"""Memory helpers: the batch-size rule and the CUDA/CPU peak measurement on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dynface.memory import PeakMemory, batch_size_for_budget, measure_in_subprocess
+
+
+def _allocate(n_bytes: int) -> int:
+    with PeakMemory("cpu") as pm:
+        block = np.ones(n_bytes // 8, dtype=np.float64)
+        block += 1
+    return pm.peak_bytes
+
+
+def test_batch_size_rule() -> None:
+    est = batch_size_for_budget(3e9, 5e9, 20 * 10**9)
+    assert est.bytes_per_sample == 2e9 and est.bytes_fixed == 1e9 and est.batch_size == 9
+    assert batch_size_for_budget(3e9, 5e9, 1e9).batch_size == 1
+    assert batch_size_for_budget(1.0, 2.0, 10**12, max_batch=8).batch_size == 8
+
+
+def test_peak_memory_in_a_fresh_process_sees_a_large_allocation() -> None:
+    peak = measure_in_subprocess(_allocate, 400 * 2**20)
+    assert 350 * 2**20 < peak < 600 * 2**20
