@@ -49,9 +49,8 @@ def main() -> int:
         r_max, r_l2 = ratios(y.double().cpu().numpy(), np.load(g / f"{case}_expected_f64.npy"))
         passed = r_max <= 2e-5 and r_l2 <= 1e-5
         ok &= passed
-        print(
-            f"{case:<14} {args.device}: max ratio {r_max:.2e}, rel-L2 {r_l2:.2e} -> {'tier B ok' if passed else 'FAIL'}"
-        )
+        verdict = "tier B ok" if passed else "FAIL"
+        print(f"{case:<14} {args.device}: max ratio {r_max:.2e}, rel-L2 {r_l2:.2e} -> {verdict}")
     return 0 if ok else 1
 
 
