@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -31,3 +31,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
+
+.PHONY: serve stop
+# A local Prefect server + process worker with the deployments of prefect.yaml registered.
+serve: $(STAMP)
+	scripts/prefect_service.sh start $(PREFECT_PORT)
+
+stop:
+	scripts/prefect_service.sh stop

@@ -16,8 +16,13 @@ for _key, _value in {
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from dynface.paths import shared_dir  # noqa: E402
+
+# Tests use small tensors: one intra-op thread each is faster, and leaves the second core to the
+# second pytest-xdist worker.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

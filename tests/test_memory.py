@@ -23,4 +23,5 @@ def test_batch_size_rule() -> None:
 
 def test_peak_memory_in_a_fresh_process_sees_a_large_allocation() -> None:
     peak = measure_in_subprocess(_allocate, 400 * 2**20)
-    assert 350 * 2**20 < peak < 600 * 2**20
+    # The block itself, plus at most the interpreter's own growth during the call.
+    assert 380 * 2**20 < peak < 800 * 2**20

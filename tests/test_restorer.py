@@ -24,8 +24,11 @@ def faces() -> list[np.ndarray]:
     return [rng.integers(0, 256, (40 + 8 * i, 40 + 8 * i, 3), dtype=np.uint8) for i in range(3)]
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("mode", ["dps", "closed_form"])
+# Guidance mode matters only for the guided methods.
+CASES = [(m, "closed_form") for m in METHODS] + [(m, "dps") for m in ("full", "dblm")]
+
+
+@pytest.mark.parametrize(("method", "mode"), CASES)
 def test_every_method_runs_end_to_end(
     restorer: Restorer, faces: list[np.ndarray], method: str, mode: str
 ) -> None:
