@@ -15,6 +15,7 @@ from torch import Tensor
 
 from dynface.dblm import DBLMOutput, run_dblm, to_reference_std
 from dynface.diffusion import Diffusion
+from dynface.memory import PeakMemory, available_bytes, batch_size_for_budget
 from dynface.packs import LoadedPack, load_pack
 from dynface.sampler import SampleBatch, SamplerConfig, StepInfo, sample
 
@@ -45,14 +46,14 @@ class RestoreConfig:
     difface_t_start: int = 400
     dblm_t_start: int = 999
     init_from: Literal["blurred", "restored"] = "blurred"  # [choice] §3.10
-    batch_size: int = 8
+    batch_size: int = 8  # 0: the largest batch whose measured peak memory fits (CUDA; 8 on CPU)
     seed: int = 12345
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        if self.batch_size < 0:
+            raise ValueError("batch_size must be >= 0 (0 = automatic)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RestoreConfig:
@@ -130,6 +131,7 @@ class Restorer:
         self.resolution = pack.manifest.resolution
         self.std_range = pack.manifest.std_range
         self.diffusion = Diffusion.create(config.sampler.respacing)
+        self._auto_batch: int | None = None
         for net in pack.networks().values():
             net.to(device)
 
@@ -152,6 +154,28 @@ class Restorer:
 
     def with_config(self, **overrides: Any) -> Restorer:
         return Restorer(self.pack, self.config.merged(overrides), self.device)
+
+    def auto_batch_size(self, *, budget_fraction: float = 0.8, max_batch: int = 64) -> int:
+        """Largest batch whose peak memory fits `budget_fraction` of the free device memory.
+
+        Measured on CUDA by running one guided step at batch 1 and 2 (memory is linear in the batch);
+        on CPU the allocator gives no reliable in-process peak, so a fixed 8 is used.
+        """
+        if self.device.type != "cuda":
+            return 8
+        if self._auto_batch is None:
+            res = self.resolution
+            probe = np.full((res, res, 3), 127, dtype=np.uint8)
+            # One guided step (t = 0) of the configured guidance mode, at batch 1 and 2.
+            one_step = self.with_config(method="dblm", dblm_t_start=0, batch_size=2)
+            peaks = []
+            for b in (1, 2):
+                with PeakMemory(self.device) as pm:
+                    one_step.restore([probe] * b, seeds=list(range(b)))
+                peaks.append(pm.peak_bytes)
+            budget = int(available_bytes(self.device) * budget_fraction)
+            self._auto_batch = batch_size_for_budget(*peaks, budget, max_batch=max_batch).batch_size
+        return self._auto_batch
 
     # -- stages ---------------------------------------------------------------------------------
     def _dblm(self, y: Tensor) -> DBLMOutput:
@@ -204,7 +228,7 @@ class Restorer:
             raise ValueError("one seed per face")
         seeds = [face_seed(f, self.config.seed) for f in faces] if seeds is None else list(seeds)
         results: list[FaceResult | None] = [None] * len(faces)
-        bs = self.config.batch_size
+        bs = self.config.batch_size or self.auto_batch_size()
         for start in range(0, len(faces), bs):
             chunk = list(range(start, min(start + bs, len(faces))))
             for i, res in zip(

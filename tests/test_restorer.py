@@ -98,3 +98,11 @@ def test_guidance_levels_drop_below_minimum() -> None:
     # Offsets are in 512-px units: at 64 px one unit is 1/8 px.
     stds, _ = guidance_stds(torch.tensor([1.0]), offsets=(0, 1), resolution=64, std_range=(0.125, 1.875))
     assert stds[0].tolist() == [1.0, 0.875]
+
+
+def test_automatic_batch_size_on_cpu_is_fixed(restorer: Restorer, faces: list[np.ndarray]) -> None:
+    auto = restorer.with_config(batch_size=0, method="rm_only")
+    assert auto.auto_batch_size() == 8
+    assert len(auto.restore(faces)) == 3
+    with pytest.raises(ValueError):
+        RestoreConfig(batch_size=-1)
