@@ -94,6 +94,17 @@ class FaceResult:
     timings: dict[str, float]
 
 
+@dataclass(frozen=True)
+class FaceEstimate:
+    """The DBLM stage's numbers for one face: what `restore` starts sampling from."""
+
+    std_hat: float  # pixels at the pack's resolution
+    std_hat_512: float
+    t_start: int
+    eta: float
+    levels: tuple[float, ...]  # guidance level stds (pixels at the pack's resolution)
+
+
 def face_seed(face: np.ndarray, base_seed: int) -> int:
     """Seed derived from the pixels, so a face gets the same noise alone, in a batch, or re-run."""
     digest = hashlib.sha256(np.ascontiguousarray(face).tobytes() + base_seed.to_bytes(8, "little")).digest()
@@ -214,6 +225,32 @@ class Restorer:
         if cfg.eta is not None:
             return torch.full_like(std_hat, cfg.eta)
         return (to_reference_std(std_hat, self.resolution) / cfg.eta_divisor).clamp(0, 1)
+
+    def estimate(self, faces: Sequence[np.ndarray]) -> list[FaceEstimate]:
+        """RM + SE + DSST only (no sampling): std*, start step, η and guidance levels per face."""
+        res = (self.resolution, self.resolution)
+        out: list[FaceEstimate] = []
+        bs = self.config.batch_size or self.auto_batch_size()
+        for start in range(0, len(faces), bs):
+            chunk = faces[start : start + bs]
+            y = torch.stack([_resize(_to_tensor(f).unsqueeze(0), res)[0] for f in chunk]).to(self.device)
+            dblm = self._dblm(y)
+            no_sampling = self.config.method == "rm_only"
+            t_start = dblm.targets.t_starts.max(dim=1).values
+            eta = self._eta(dblm.std_hat)
+            for i in range(len(chunk)):
+                valid = dblm.targets.valid[i]
+                std_hat = float(dblm.std_hat[i])
+                out.append(
+                    FaceEstimate(
+                        std_hat=std_hat,
+                        std_hat_512=float(to_reference_std(std_hat, self.resolution)),
+                        t_start=0 if no_sampling else int(t_start[i]),
+                        eta=0.0 if no_sampling else float(eta[i]),
+                        levels=tuple(float(s) for s, v in zip(dblm.targets.stds[i], valid) if v),
+                    )
+                )
+        return out
 
     # -- the verb -------------------------------------------------------------------------------
     def restore(

@@ -1,0 +1,233 @@
+"""The `dynface` command line.
+
+    dynface restore SRC DEST [--catalog URI] [--pack NAME|URI] [--aligned] [--method M]
+                    [--guidance dps|closed_form] [--device D] [--shard-size N] [--compare]
+                    [--option key=value ...]
+    dynface catalog sql CATALOG_URI "SELECT ..."
+    dynface pack random DIR [--resolution 32]
+
+Each subcommand is added by one `add_*_command(subparsers)` function listed in `SUBCOMMANDS`
+(no plugin discovery): a new command is one more function and one more entry. Heavy imports
+(torch, Prefect, Ray) happen inside the handlers, so `dynface --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# No process we start may send traffic off this machine (shared/design/PLATFORM.md); the caller's
+# own settings win. The ephemeral Prefect server needs more than its 20 s default on a busy machine.
+OFFLINE_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def apply_offline_env(*, quiet: bool) -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    if quiet:  # Prefect's per-task INFO lines would bury the progress bar
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value); the value is JSON when it parses (numbers, true/false, lists),
+    else the plain string (`respacing=ddim10`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+# -- restore ----------------------------------------------------------------------------------------
+def add_restore_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("restore", help="restore every face of an image folder or URI prefix")
+    p.add_argument("source", help="folder, file or fsspec URI/prefix (s3://bucket/photos)")
+    p.add_argument("dest", help="output folder or URI (restored/, faces/, compare/, catalog/)")
+    p.add_argument("--catalog", default=None, help="catalog URI (default: DEST/catalog)")
+    p.add_argument("--pack", default="starter", help="pack name or manifest path/URI (default: starter)")
+    p.add_argument("--aligned", action="store_true", help="inputs are aligned face crops (no detection)")
+    p.add_argument("--method", default="full", help="restoration method (default: full)")
+    p.add_argument("--guidance", choices=("dps", "closed_form"), default=None, help="default: the pack's")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--shard-size", type=int, default=64, help="images per shard (default: 64)")
+    p.add_argument("--wave-shards", type=int, default=4, help="shards sampled together (default: 4)")
+    p.add_argument("--num-actors", type=int, default=None, help="Ray sampling actors (default: auto)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--compare", action="store_true", help="also write input|output side-by-sides")
+    p.add_argument("--keep-work", action="store_true", help="keep the run's work folder")
+    p.add_argument(
+        "--option",
+        action="append",
+        type=parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="RestoreConfig override, repeatable (e.g. respacing=ddim50, eta=0.5)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's task logs")
+    p.set_defaults(handler=run_restore)
+
+
+class _ProgressBars(logging.Handler):
+    """Turns the pipeline's progress records (tasks.work.report_progress) into a tqdm bar on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, unit="face", desc="restoring faces", file=sys.stderr, dynamic_ncols=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        info = getattr(record, "dynface_progress", None)
+        if not info:
+            return
+        if info["total_add"]:
+            self.bar.total = (self.bar.total or 0) + info["total_add"]
+            self.bar.refresh()
+        if info["advance"]:
+            self.bar.update(info["advance"])
+
+    def close(self) -> None:
+        self.bar.close()
+        super().close()
+
+
+def format_summary(summary: Any) -> str:
+    """The closing text of `dynface restore`: counts by status, throughput, where things are."""
+    counts = ", ".join(f"{status} {n}" for status, n in summary.counts.items())
+    lines = [
+        f"run {summary.run_id}: {summary.n_images} images ({counts}); "
+        f"{summary.n_committed_before} already done before this run",
+        f"faces restored: {summary.n_faces} ({summary.n_faces_failed} failed and kept unrestored), "
+        f"{summary.faces_per_second:.3f} faces/s over {summary.seconds:.1f} s",
+        f"outputs:  {summary.dest}/restored/  (aligned faces: {summary.dest}/faces/)",
+    ]
+    if summary.compare:
+        lines.append(f"compare:  {summary.dest}/compare/")
+    lines.append(f"catalog:  {summary.catalog}")
+    query = "SELECT status, COUNT(*) FROM images GROUP BY status"
+    lines.append(f'          dynface catalog sql {summary.catalog} "{query}"')
+    return "\n".join(lines)
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    apply_offline_env(quiet=not args.verbose)
+    from flows.restore_archive import restore_archive
+    from tasks.work import PROGRESS_LOGGER
+
+    progress_logger = logging.getLogger(PROGRESS_LOGGER)
+    saved = (progress_logger.level, progress_logger.propagate)
+    bars = _ProgressBars()
+    progress_logger.addHandler(bars)
+    progress_logger.setLevel(logging.INFO)
+    progress_logger.propagate = False
+    try:
+        summary = restore_archive(
+            source=args.source,
+            dest=args.dest,
+            catalog=args.catalog,
+            pack=args.pack,
+            aligned=args.aligned,
+            shard_size=args.shard_size,
+            device=args.device,
+            guidance=args.guidance,
+            method=args.method,
+            compare=args.compare,
+            options=dict(args.option),
+            ray_address=args.ray_address,
+            num_actors=args.num_actors,
+            wave_shards=args.wave_shards,
+            keep_work=args.keep_work,
+        )
+    except Exception as err:  # noqa: BLE001 - a crash is reported as a message and exit code 1
+        print(f"dynface restore: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        progress_logger.removeHandler(bars)
+        progress_logger.setLevel(saved[0])
+        progress_logger.propagate = saved[1]
+        bars.close()
+    print(format_summary(summary))
+    return 0
+
+
+# -- catalog ----------------------------------------------------------------------------------------
+def add_catalog_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("catalog", help="look into a run catalog")
+    sub = p.add_subparsers(dest="catalog_command", required=True)
+    q = sub.add_parser("sql", help="run SQL over the runs, images and faces tables")
+    q.add_argument("catalog", help="catalog URI")
+    q.add_argument("query", help='e.g. "SELECT status, COUNT(*) FROM images GROUP BY status"')
+    q.add_argument("--max-rows", type=int, default=50)
+    q.set_defaults(handler=run_catalog_sql)
+
+
+def run_catalog_sql(args: argparse.Namespace) -> int:
+    from catalogs import Catalog, format_table, sql
+
+    try:
+        frame = sql(Catalog(args.catalog), args.query)
+    except Exception as err:  # noqa: BLE001 - SQL and storage errors become a message, not a traceback
+        print(f"dynface catalog sql: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(format_table(frame, max_rows=args.max_rows))
+    return 0
+
+
+# -- pack -------------------------------------------------------------------------------------------
+def add_pack_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("pack", help="model pack tools")
+    sub = p.add_subparsers(dest="pack_command", required=True)
+    r = sub.add_parser("random", help="write a tiny random-weight pack (tests, demos; not a model)")
+    r.add_argument("folder")
+    r.add_argument("--resolution", type=int, default=32)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(handler=run_pack_random)
+
+
+def run_pack_random(args: argparse.Namespace) -> int:
+    from dynface.pack_writer import write_random_pack
+
+    print(write_random_pack(args.folder, resolution=args.resolution, seed=args.seed))
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------------
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_restore_command,
+    add_catalog_command,
+    add_pack_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynface", description="DynFaceRestore blind face restoration")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in SUBCOMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prefect flows: `restore_archive` (the product)."""

@@ -1,0 +1,171 @@
+"""Prefect flows for training: `train-starter` (the whole recipe) and one flow per component.
+
+Thin wrappers over `dynface.train`: every flow takes plain parameters (paths, numbers), trains or resumes
+in `work_dir/<stage>` and returns a JSON-ready summary. Component flows that need earlier stages (SE needs
+RM and SDE, DGSA needs prior, RM, SE and the DSST table) reload those stages' finished checkpoints from the
+same `work_dir`, so run them in the recipe's order or use `train-starter`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from dynface.models.swinir import build_swinir
+from dynface.paths import shared_dir
+from dynface.train.common import LoopResult
+from dynface.train.data import list_faces, load_faces, split_faces
+from dynface.train.dgsa import FrozenNets, train_dgsa
+from dynface.train.plan import StarterPlan, starter_plan, with_seed
+from dynface.train.prior import train_prior
+from dynface.train.restorer_net import train_rm
+from dynface.train.sde import train_sde
+from dynface.train.se import train_se
+from dynface.train.starter import build_starter_dsst, train_starter
+
+
+def _setup(
+    resolution: int, quick: bool, budget_minutes: float | None, data_dir: str | None, seed: int, threads: int
+) -> tuple[StarterPlan, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    plan = with_seed(
+        starter_plan(resolution, quick=quick, budget_minutes=budget_minutes, progress=False), seed
+    )
+    data = Path(data_dir) if data_dir else shared_dir() / "data"
+    train_files, _ = split_faces(list_faces(data))
+    return plan, load_faces(data, train_files, resolution)
+
+
+def _summary(result: LoopResult) -> dict[str, Any]:
+    return {
+        "steps": result.step,
+        "elapsed_s": result.elapsed_s,
+        "stopped_by": result.stopped_by,
+        "loss": result.final(),
+    }
+
+
+@flow(name="train-starter")
+def train_starter_flow(
+    out_dir: str = "weights/starter",
+    resolution: int = 64,
+    quick: bool = False,
+    budget_minutes: float = 75.0,
+    data_dir: str | None = None,
+    work_dir: str | None = None,
+    seed: int = 0,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Every stage in order, then the pack (dynface.train.starter.train_starter)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    report = train_starter(
+        out_dir,
+        resolution=resolution,
+        quick=quick,
+        budget_minutes=budget_minutes,
+        data_dir=data_dir,
+        work_dir=work_dir,
+        seed=seed,
+        progress=False,
+    )
+    return {
+        "manifest": report.manifest_uri,
+        "stages": report.stages,
+        "guidance_scale": report.guidance_scale,
+        "evaluation": {k: v.mean_psnr for k, v in report.evaluation.items()},
+    }
+
+
+@flow(name="train-prior")
+def train_prior_flow(
+    work_dir: str,
+    resolution: int = 64,
+    quick: bool = False,
+    budget_minutes: float = 75.0,
+    data_dir: str | None = None,
+    seed: int = 0,
+    threads: int = 1,
+) -> dict[str, Any]:
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    return _summary(train_prior(images, Path(work_dir) / "prior", plan.prior))
+
+
+@flow(name="train-rm")
+def train_rm_flow(
+    work_dir: str,
+    resolution: int = 64,
+    quick: bool = False,
+    budget_minutes: float = 75.0,
+    data_dir: str | None = None,
+    seed: int = 0,
+    threads: int = 1,
+) -> dict[str, Any]:
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    return _summary(train_rm(images, Path(work_dir) / "rm", plan.rm))
+
+
+@flow(name="train-sde")
+def train_sde_flow(
+    work_dir: str,
+    resolution: int = 64,
+    quick: bool = False,
+    budget_minutes: float = 75.0,
+    data_dir: str | None = None,
+    seed: int = 0,
+    threads: int = 1,
+) -> dict[str, Any]:
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    return _summary(train_sde(images, Path(work_dir) / "sde", plan.sde))
+
+
+@flow(name="train-se")
+def train_se_flow(
+    work_dir: str,
+    resolution: int = 64,
+    quick: bool = False,
+    budget_minutes: float = 75.0,
+    data_dir: str | None = None,
+    seed: int = 0,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Needs finished RM and SDE stages in `work_dir`."""
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    work = Path(work_dir)
+    rm = train_rm(images, work / "rm", plan.rm)
+    sde = train_sde(images, work / "sde", plan.sde)
+    tm = build_swinir(plan.rm.swinir)
+    tm.load_state_dict(rm.model.state_dict())
+    result = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm)
+    return {**_summary(result.loop), "tau": result.tau}
+
+
+@flow(name="train-dgsa")
+def train_dgsa_flow(
+    work_dir: str,
+    resolution: int = 64,
+    quick: bool = False,
+    budget_minutes: float = 75.0,
+    data_dir: str | None = None,
+    seed: int = 0,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Needs finished prior, RM, SDE and SE stages in `work_dir`; builds the DSST table itself."""
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    work = Path(work_dir)
+    prior = train_prior(images, work / "prior", plan.prior)
+    rm = train_rm(images, work / "rm", plan.rm)
+    sde = train_sde(images, work / "sde", plan.sde)
+    tm = build_swinir(plan.rm.swinir)
+    tm.load_state_dict(rm.model.state_dict())
+    se = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm)
+    dsst = build_starter_dsst(images, plan, source="training faces")
+    nets = FrozenNets(
+        prior=prior.model, rm=rm.model, se=se.se, dsst=dsst, std_range=plan.std_range, resolution=resolution
+    )
+    return _summary(train_dgsa(images, work / "dgsa", plan.dgsa, nets=nets))

@@ -1,0 +1,221 @@
+"""Stage 5, sample: restore batches of aligned faces on Ray actors that load the pack once.
+
+`BatchRestorer` is a plain class (try it on one batch without Ray); `sample_wave` runs it as Ray
+actors, one batch per call, and collects the small result dicts each call returns (the pixels go
+to the work folder). A batch that raises, or whose actor dies, marks its faces `failed` with the
+error; the run goes on, and compose keeps those faces unrestored.
+
+A run's actors (named `dynface-sampler-{run_id}-{i}`) are created on first use and reused by
+every later wave of the run; `release_actors` ends them. Resources follow shared/design/PLATFORM.md: one
+GPU per actor when the cluster has GPUs, else `num_gpus=0` and a fractional CPU share so the
+driver's own tasks are never starved.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from dynface.restorer import FaceResult, Restorer
+from tasks.estimate import resolve_device
+from tasks.work import RunContext, read_png, read_rows, report_progress, short_error, write_png, write_rows
+
+SAMPLE_COLUMNS = (
+    "image_id",
+    "face_index",
+    "status",
+    "error",
+    "restored_uri",
+    "std_hat",
+    "std_hat_512",
+    "std_final",
+    "levels",
+    "t_start",
+    "eta",
+    "n_steps",
+    "guidance_residual",
+    "seconds",
+    "node_id",
+)
+ACTOR_NAMESPACE = "dynface"
+CPU_ACTOR_SHARE = 0.5  # fractional CPUs per CPU actor (see module docstring)
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - the node id is diagnostic only
+        return None
+
+
+def result_row(face: dict[str, Any], res: FaceResult, seconds: float, node_id: str | None) -> dict[str, Any]:
+    return {
+        "image_id": face["image_id"],
+        "face_index": face["face_index"],
+        "status": "ok",
+        "error": None,
+        "restored_uri": face["restored_uri"],
+        "std_hat": res.std_hat,
+        "std_hat_512": res.std_hat_512,
+        "std_final": list(res.std_final),
+        "levels": list(res.levels),
+        "t_start": res.t_start,
+        "eta": res.eta,
+        "n_steps": res.n_steps,
+        "guidance_residual": res.guidance_residual,
+        "seconds": seconds,
+        "node_id": node_id,
+    }
+
+
+def failed_rows(faces: list[dict[str, Any]], error: str) -> list[dict[str, Any]]:
+    return [
+        {"image_id": f["image_id"], "face_index": f["face_index"], "status": "failed", "error": error}
+        for f in faces
+    ]
+
+
+class BatchRestorer:
+    """Holds one Restorer; `run(batch_uri)` restores a batch manifest's crops and writes the results.
+
+    num_threads: torch intra-op threads for CPU work (None leaves torch's default)."""
+
+    def __init__(
+        self, pack: str, overrides: dict[str, Any], device: str = "auto", num_threads: int | None = None
+    ) -> None:
+        if num_threads is not None:
+            torch.set_num_threads(max(1, int(num_threads)))
+        self.restorer = Restorer.from_pack(pack, overrides=overrides, device=resolve_device(device))
+        self.node_id = _node_id()
+
+    def run(self, batch_uri: str) -> list[dict[str, Any]]:
+        """Restore every face of the batch; returns one small dict per face (no pixels)."""
+        faces = read_rows(batch_uri)
+        crops = [read_png(face["crop_uri"]) for face in faces]
+        t0 = time.perf_counter()
+        results = self.restorer.restore(crops)
+        seconds = (time.perf_counter() - t0) / max(1, len(faces))
+        rows = []
+        for face, res in zip(faces, results, strict=True):
+            write_png(face["restored_uri"], res.image)
+            rows.append(result_row(face, res, seconds, self.node_id))
+        return rows
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many actors and what each asks Ray for."""
+
+    num_actors: int
+    num_cpus: float
+    num_gpus: int
+    num_threads: int
+
+
+def plan_actors(resources: dict[str, float], *, num_actors: int | None, n_batches: int) -> ActorPlan:
+    """Actors for a cluster with `resources` (ray.cluster_resources()), never more than there are
+    batches; `num_actors` overrides the count. With GPUs: one actor per GPU. On CPUs: one
+    single-threaded actor per core but one (left to the driver's stages): measured on 2 loaded
+    cores, a 2-thread torch actor ran a batch 4x slower than a 1-thread one (oversubscription)."""
+    gpus = int(resources.get("GPU", 0.0))
+    cpus = float(resources.get("CPU", 1.0))
+    if num_actors is not None and num_actors < 1:
+        raise ValueError("num_actors must be >= 1")
+    if gpus >= 1:
+        count = num_actors or gpus
+        return ActorPlan(num_actors=max(1, min(count, n_batches)), num_cpus=1.0, num_gpus=1, num_threads=1)
+    count = max(1, min(num_actors or max(1, int(cpus) - 1), n_batches))
+    return ActorPlan(num_actors=count, num_cpus=CPU_ACTOR_SHARE, num_gpus=0, num_threads=1)
+
+
+def actor_name(run_id: str, index: int) -> str:
+    return f"dynface-sampler-{run_id}-{index}"
+
+
+# Strong handles of each run's actors, kept by this (driver) process between the waves' sample
+# tasks: Ray ends a non-detached actor once its creator's handles are gone, even when it is named,
+# so handles looked up again by name alone would find dying actors.
+_RUN_ACTORS: dict[str, list[Any]] = {}
+
+
+def get_actors(ctx: RunContext, plan: ActorPlan) -> list[Any]:
+    """The run's actors 0..n-1: those of earlier waves are reused, missing ones created."""
+    import ray
+
+    actors = _RUN_ACTORS.setdefault(ctx.run_id, [])
+    remote_cls = ray.remote(BatchRestorer)
+    while len(actors) < plan.num_actors:
+        actors.append(
+            remote_cls.options(
+                name=actor_name(ctx.run_id, len(actors)),
+                namespace=ACTOR_NAMESPACE,
+                num_cpus=plan.num_cpus,
+                num_gpus=plan.num_gpus,
+                max_restarts=2,
+                scheduling_strategy="SPREAD",
+            ).remote(ctx.pack, ctx.overrides, ctx.device, plan.num_threads)
+        )
+    return actors[: plan.num_actors]
+
+
+def release_actors(run_id: str) -> int:
+    """End the run's actors (idempotent); returns how many there were."""
+    import ray
+
+    actors = _RUN_ACTORS.pop(run_id, [])
+    if ray.is_initialized():
+        for handle in actors:
+            ray.kill(handle)
+    return len(actors)
+
+
+def run_batches(actors: list[Any], batch_uris: list[str]) -> list[dict[str, Any]]:
+    """Dispatch batches to idle actors (one call in flight per actor); failures become failed rows."""
+    import ray
+
+    faces_of = {uri: read_rows(uri) for uri in batch_uris}
+    report_progress("sample", total_add=sum(len(f) for f in faces_of.values()))
+    pending = deque(batch_uris)
+    idle = deque(range(len(actors)))
+    in_flight: dict[Any, tuple[int, str]] = {}
+    rows: list[dict[str, Any]] = []
+    while pending or in_flight:
+        while idle and pending:
+            i, uri = idle.popleft(), pending.popleft()
+            in_flight[actors[i].run.remote(uri)] = (i, uri)
+        (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+        i, uri = in_flight.pop(ref)
+        try:
+            rows.extend(ray.get(ref))
+        except Exception as err:  # noqa: BLE001 - a failed batch fails its faces, not the run
+            rows.extend(failed_rows(faces_of[uri], f"sampling failed: {short_error(err)}"))
+        idle.append(i)
+        report_progress("sample", advance=len(faces_of[uri]))
+    return rows
+
+
+def sample_wave_rows(
+    ctx: RunContext, batch_uris: list[str], *, num_actors: int | None = None
+) -> list[dict[str, Any]]:
+    """Restore the batches on the run's actors (Ray must be initialised); returns result rows."""
+    import ray
+
+    if not batch_uris:
+        return []
+    plan = plan_actors(ray.cluster_resources(), num_actors=num_actors, n_batches=len(batch_uris))
+    return run_batches(get_actors(ctx, plan), batch_uris)
+
+
+@task(name="sample", retries=0, cache_policy=NO_CACHE)
+def sample(ctx: RunContext, wave: int, batch_uris: list[str], num_actors: int | None = None) -> str:
+    """Restore a wave's batches on Ray; returns the URI of the wave's result rows."""
+    rows = sample_wave_rows(ctx, batch_uris, num_actors=num_actors)
+    return write_rows(ctx.work.wave_file("samples", wave), rows, columns=SAMPLE_COLUMNS)

@@ -1,0 +1,239 @@
+"""Shared helpers of the restore-archive stages: the run context, the work folder and small Parquet I/O.
+
+Stages pass URIs, never pixels. Every per-shard file of a run lives under
+`{dest}/.work/{run_id}/` at a name derived from the stage and the shard number (`WorkDir`), so a
+stage needs only the run context and a shard number to find what the previous stage wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+# Stages report progress as log records on this logger (the CLI turns them into tqdm bars); a
+# record's `dynface_progress` attribute is {"stage": str, "total_add": int, "advance": int}.
+PROGRESS_LOGGER = "dynface.progress"
+
+# Faces are grouped into sample batches by t_start // BUCKET_WIDTH: faces of one batch then share
+# (nearly) the same number of sampling steps, so no sample waits idle for the longest one.
+BUCKET_WIDTH = 50
+
+
+def report_progress(stage: str, *, total_add: int = 0, advance: int = 0) -> None:
+    """Emit a progress record (no-op unless someone listens on `PROGRESS_LOGGER`)."""
+    logging.getLogger(PROGRESS_LOGGER).info(
+        "%s: +%d total, +%d done",
+        stage,
+        total_add,
+        advance,
+        extra={"dynface_progress": {"stage": stage, "total_add": total_add, "advance": advance}},
+    )
+
+
+# -- URIs ---------------------------------------------------------------------------------------------
+def join_uri(base: str, *parts: str) -> str:
+    """`base/part/...` without doubled slashes (works for local paths and `proto://` URIs)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def path_to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """An fsspec path back to a URI: plain absolute path for local files, `proto://path` otherwise."""
+    if isinstance(fs, LocalFileSystem):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def normalize_uri(uri: str) -> str:
+    """Local paths made absolute (and `file://` stripped); other URIs without a trailing slash."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" not in uri:
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri.rstrip("/")
+
+
+def is_inside(child: str, parent: str) -> bool:
+    """True when normalized URI `child` equals `parent` or lies below it."""
+    child, parent = normalize_uri(child), normalize_uri(parent)
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+# -- bytes and images -----------------------------------------------------------------------------------
+def read_bytes(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as handle:
+        return handle.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file. Local files go through a hidden temp file and a rename, so a reader (or a
+    resumed run) never sees half an output; object stores publish a PUT whole anyway."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        temp = f"{parent}/.tmp-{os.getpid()}-{path.rsplit('/', 1)[-1]}"
+        with open(temp, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_png(uri: str, rgb: np.ndarray) -> None:
+    """(H, W, 3) uint8 -> PNG file (lossless: crops travel between stages as PNG)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(buf, "PNG", compress_level=1)
+    write_bytes(uri, buf.getvalue())
+
+
+def read_png(uri: str) -> np.ndarray:
+    """A crop written by `write_png` -> (H, W, 3) uint8."""
+    with Image.open(io.BytesIO(read_bytes(uri))) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+# -- small tables -------------------------------------------------------------------------------------
+def write_rows(uri: str, rows: Sequence[Mapping[str, Any]], *, columns: Sequence[str]) -> str:
+    """Write dict rows (lists and None allowed) as a Parquet file with exactly `columns`; returns uri.
+
+    An empty `rows` still writes a file (all-null typed columns), so consumers never special-case
+    "this shard had no faces"."""
+    unknown = sorted({k for row in rows for k in row} - set(columns))
+    if unknown:
+        raise ValueError(f"unknown columns {unknown}")
+    data = {name: [row.get(name) for row in rows] for name in columns}
+    table = pa.table({name: pa.array(values) for name, values in data.items()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+    return uri
+
+
+def read_rows(uri: str) -> list[dict[str, Any]]:
+    """Rows of a Parquet file written by `write_rows`, as plain Python dicts."""
+    table = pq.read_table(io.BytesIO(read_bytes(uri)))
+    return table.to_pylist()
+
+
+def index_rows(rows: Iterable[Mapping[str, Any]], *keys: str) -> dict[Any, dict[str, Any]]:
+    """{key tuple (or single value): row}; duplicate keys raise ValueError."""
+    out: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = dict(row)
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkDir:
+    """The per-run work folder and the names of the files each stage writes there."""
+
+    root: str
+
+    def shard_file(self, stage: str, shard: int, suffix: str = "") -> str:
+        return join_uri(self.root, stage, f"shard-{shard:05d}{suffix}.parquet")
+
+    def wave_file(self, stage: str, wave: int, suffix: str = "") -> str:
+        return join_uri(self.root, stage, f"wave-{wave:04d}{suffix}.parquet")
+
+    def crop(self, image_id: str, face_index: int) -> str:
+        return join_uri(self.root, "crops", f"{image_id}_{face_index:02d}.png")
+
+    def restored(self, image_id: str, face_index: int) -> str:
+        return join_uri(self.root, "restored", f"{image_id}_{face_index:02d}.png")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a stage needs to know about the run; small and picklable (goes to every task).
+
+    overrides: RestoreConfig overrides on top of the pack's stored sampler defaults (method,
+    guidance mode, user options). config: the resolved RestoreConfig as a dict (for the record).
+    """
+
+    run_id: str
+    source: str
+    dest: str
+    catalog: str
+    pack: str
+    pack_name: str
+    pack_sha256: dict[str, str | None]
+    resolution: int
+    aligned: bool
+    device: str
+    compare: bool
+    overrides: dict[str, Any]
+    config: dict[str, Any]
+    config_hash: str
+    code_version: str
+    batch_size: int
+    detector: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def work(self) -> WorkDir:
+        return WorkDir(join_uri(self.dest, ".work", self.run_id))
+
+    def output_uri(self, relative_path: str) -> str:
+        return join_uri(self.dest, "restored", output_name(relative_path))
+
+    def compare_uri(self, relative_path: str) -> str:
+        return join_uri(self.dest, "compare", f"{relative_path}.png")
+
+    def face_uri(self, image_id: str, face_index: int) -> str:
+        return join_uri(self.dest, "faces", f"{image_id}_{face_index:02d}.png")
+
+
+# Formats we write back in the source's own format; anything else (gif, ...) becomes `<name>.png`
+# (appended, not replaced, so `a.gif` and `a.png` in one folder never collide).
+SAME_FORMAT_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def output_name(relative_path: str) -> str:
+    lower = relative_path.lower()
+    return relative_path if lower.endswith(SAME_FORMAT_SUFFIXES) else f"{relative_path}.png"
+
+
+def output_format(relative_path: str) -> str:
+    """encode_image format name for the output of `relative_path`."""
+    return output_name(relative_path).rsplit(".", 1)[-1].lower()
+
+
+def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    if size < 1:
+        raise ValueError("chunk size must be >= 1")
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def short_error(error: BaseException) -> str:
+    """`ExcType: first line of the message` for catalog rows. Ray wraps a remote error in a
+    RayTaskError whose text is a whole traceback; its `cause` is the original exception."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        error = cause
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    message = lines[0].strip() if lines else ""
+    return f"{type(error).__name__}: {message}"[:500] if message else type(error).__name__
