@@ -207,11 +207,53 @@ def run_pack_random(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- evaluate ---------------------------------------------------------------------------------------
+def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
+    from dynface.paths import shared_dir
+
+    p = subparsers.add_parser(
+        "evaluate", help="evaluation protocol: degrade HQ faces, restore, score, report"
+    )
+    p.add_argument("--pack", default="starter")
+    p.add_argument("--hq", default=str(shared_dir() / "data" / "hq_aligned"), help="folder/URI of HQ faces")
+    p.add_argument(
+        "--holdout", default=None, help="holdout.txt (or a pack folder holding one) to filter --hq"
+    )
+    p.add_argument("--protocol", choices=["random", "grid"], default="random")
+    p.add_argument("--limit", type=int, default=40)
+    p.add_argument("--methods", default=None, help="comma-separated (default: the whole ablation ladder)")
+    p.add_argument("--out", default="out/evaluation")
+    p.add_argument("--seed", type=int, default=2025)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(handler=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from dynface.evaluation import ABLATION, ablation_markdown, run_evaluation
+
+    methods = tuple(args.methods.split(",")) if args.methods else tuple(m for _, m in ABLATION)
+    report, evaluation = run_evaluation(
+        pack=args.pack,
+        hq=args.hq,
+        out=args.out,
+        protocol=args.protocol,
+        limit=args.limit,
+        methods=methods,
+        holdout=args.holdout,
+        overrides=dict(parse_option(o) for o in args.option) or None,
+        seed=args.seed,
+    )
+    print(ablation_markdown(evaluation.summary))
+    print(f"\nreport: {report}")
+    return 0
+
+
 # -- entry point ------------------------------------------------------------------------------------
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_restore_command,
     add_catalog_command,
     add_pack_command,
+    add_evaluate_command,
 )
 
 

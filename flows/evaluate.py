@@ -1,0 +1,40 @@
+"""Prefect flow `evaluate`: the evaluation protocol of dynface.evaluation as a deployable flow."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from dynface.evaluation import ABLATION, ablation_markdown, run_evaluation
+
+
+@flow(name="evaluate")
+def evaluate(
+    pack: str = "starter",
+    hq: str = "../shared/data/hq_aligned",
+    out: str = "out/evaluation",
+    protocol: str = "random",
+    limit: int | None = 40,
+    methods: list[str] | None = None,
+    holdout: str | None = None,
+    options: dict | None = None,
+    seed: int = 2025,
+) -> str:
+    """Restore a degraded CelebA-Test-style set with every method variant and write report.md."""
+    report, evaluation = run_evaluation(
+        pack=pack,
+        hq=hq,
+        out=out,
+        protocol=protocol,
+        limit=limit,
+        methods=tuple(methods) if methods else tuple(m for _, m in ABLATION),
+        holdout=holdout,
+        overrides=options,
+        seed=seed,
+    )
+    create_markdown_artifact(
+        key="evaluation-summary",
+        markdown=f"Report: `{report}`\n\n" + ablation_markdown(evaluation.summary),
+        description="DynFace evaluation",
+    )
+    return report
