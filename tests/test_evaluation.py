@@ -30,7 +30,8 @@ def test_eval_set_is_seeded_and_at_pack_resolution(hq_folder: Path) -> None:
     a = build_eval_set(str(hq_folder), resolution=32, seed=1)
     b = build_eval_set(str(hq_folder), resolution=32, seed=1)
     c = build_eval_set(str(hq_folder), resolution=32, seed=2)
-    assert a.lq.shape == a.gt.shape == (3, 32, 32, 3) and a.names == ("face_0.png", "face_1.png", "face_2.png")
+    assert a.lq.shape == a.gt.shape == (3, 32, 32, 3)
+    assert a.names == ("face_0.png", "face_1.png", "face_2.png")
     assert np.array_equal(a.lq, b.lq) and not np.array_equal(a.lq, c.lq)
     assert np.array_equal(a.gt, c.gt)  # the ground truth does not depend on the degradation seed
     only = build_eval_set(str(hq_folder), resolution=32, names=["face_1.png"])
@@ -62,7 +63,8 @@ def test_cli_evaluate_writes_report_with_every_ablation_row(hq_folder: Path, tmp
         ]
     )
     assert code == 0
-    for name in ("report.md", "per_face.parquet", "summary.parquet", "contact_sheet.png", "psnr_vs_frechet.png"):
+    outputs = ("report.md", "per_face.parquet", "summary.parquet", "contact_sheet.png", "psnr_vs_frechet.png")
+    for name in outputs:
         assert (out / name).is_file(), name
     summary = pd.read_parquet(out / "summary.parquet")
     assert list(summary["method"]) == [m for _, m in ABLATION]
