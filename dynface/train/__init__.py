@@ -1,0 +1,1 @@
+"""Training code for every DynFace component and the `starter` pack recipe (dynface.train.starter)."""

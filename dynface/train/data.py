@@ -1,0 +1,229 @@
+"""Training faces: which files, the fixed held-out split, decoding/caching, and synthetic LQ/GT pairs.
+
+Framing decision (shared/data/README.md): the CelebA-HQ/FFHQ/PGDiff crops share FFHQ framing (face centred,
+hair included), which is also how `lq_real_aligned` and our own aligner (dynface.faces) crop faces. The
+UTKFace crops are framed much tighter; mixing them in would teach the prior a second, zoomed-in face
+layout that inference never sees. The starter pack therefore trains on the FFHQ-framed files only and
+excludes the UTKFace folder (`EXCLUDED_SOURCES`); callers may pass `exclude=()` to use everything.
+
+Held-out split (fixed, independent of the framing choice): every file whose sha256 (of the file bytes,
+as listed in MANIFEST.csv) starts with '0' or '1' is held out from all training (~1/8 of the files).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dynface.degrade import (
+    DIFFACE_RANGES,
+    DegradationRanges,
+    degrade_pair,
+    params_for_resolution,
+    sample_params,
+)
+
+HQ_FOLDER = "hq_aligned"
+UTKFACE_SOURCE = "Mohanish-5744__Major_Ensemble_Gender"
+EXCLUDED_SOURCES: tuple[str, ...] = (UTKFACE_SOURCE,)
+HOLDOUT_PREFIXES: tuple[str, ...] = ("0", "1")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class FaceFile:
+    """One HQ face file: path relative to the data folder, sha256 of its bytes, source folder, licence."""
+
+    file: str
+    sha256: str
+    source: str
+    licence: str = ""
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def list_faces(data_dir: Path | str, *, exclude: Sequence[str] = EXCLUDED_SOURCES) -> list[FaceFile]:
+    """HQ faces under `data_dir`, sorted by file name.
+
+    With `data_dir/MANIFEST.csv` (the shared data): the `hq_aligned` rows, sha256 and licence from the
+    manifest. Otherwise (tests, user folders): every image under the folder, sha256 computed here. Files
+    whose first folder below `hq_aligned/` (or below `data_dir`) is in `exclude` are dropped.
+    """
+    root = Path(data_dir)
+    manifest = root / "MANIFEST.csv"
+    faces: list[FaceFile] = []
+    if manifest.is_file():
+        with manifest.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row["role"] != HQ_FOLDER:
+                    continue
+                source = Path(row["file"]).parts[1]
+                faces.append(FaceFile(row["file"], row["sha256"], source, row.get("licence", "")))
+    else:
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+            rel = path.relative_to(root)
+            source = rel.parts[0] if len(rel.parts) > 1 else ""
+            faces.append(FaceFile(rel.as_posix(), _sha256_file(path), source))
+    if not faces:
+        raise ValueError(f"no face images found under {root}")
+    return sorted((f for f in faces if f.source not in exclude), key=lambda f: f.file)
+
+
+def is_held_out(face: FaceFile) -> bool:
+    return face.sha256.lower().startswith(HOLDOUT_PREFIXES)
+
+
+def split_faces(faces: Sequence[FaceFile]) -> tuple[list[FaceFile], list[FaceFile]]:
+    """(train, held_out) by the fixed sha256-prefix rule, each sorted by file name."""
+    train = [f for f in faces if not is_held_out(f)]
+    held = [f for f in faces if is_held_out(f)]
+    return train, held
+
+
+def load_image(path: Path, resolution: int) -> np.ndarray:
+    """RGB (resolution, resolution, 3) float32 in [0, 1]; PIL bicubic (antialiased when shrinking)."""
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+        if rgb.size != (resolution, resolution):
+            rgb = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=None)
+        return np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
+
+
+def load_faces(
+    data_dir: Path | str, faces: Sequence[FaceFile], resolution: int, *, cache: bool = True
+) -> np.ndarray:
+    """(N, R, R, 3) float32 in [0, 1]. Decoded arrays are cached in the system temp folder (never the
+    repository), keyed by the files' sha256s and the resolution."""
+    if not faces:
+        raise ValueError("no faces to load")
+    key = hashlib.sha256(("|".join(f.sha256 for f in faces) + f"@{resolution}").encode()).hexdigest()[:24]
+    cache_path = Path(tempfile.gettempdir()) / "dynface_train_cache" / f"faces_{key}.npy"
+    if cache and cache_path.is_file():
+        arr = np.load(cache_path)
+        if arr.shape == (len(faces), resolution, resolution, 3):
+            return arr
+    arr = np.stack([load_image(Path(data_dir) / f.file, resolution) for f in faces])
+    if cache:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp.npy")
+        np.save(tmp, arr)
+        tmp.replace(cache_path)
+    return arr
+
+
+def random_hflip(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(B, H, W, 3): each image mirrored left-right with probability 1/2."""
+    flip = rng.random(batch.shape[0]) < 0.5
+    out = batch.copy()
+    out[flip] = out[flip, :, ::-1]
+    return out
+
+
+def sample_hq(
+    images: np.ndarray, batch_size: int, rng: np.random.Generator, *, hflip: bool = True
+) -> np.ndarray:
+    """(batch_size, H, W, 3) drawn with replacement from images (N, H, W, 3)."""
+    batch = images[rng.integers(0, images.shape[0], size=batch_size)]
+    return random_hflip(batch, rng) if hflip else batch.copy()
+
+
+def degraded_pairs(
+    images: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    *,
+    ranges: DegradationRanges = DIFFACE_RANGES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lq, gt), each (B, R, R, 3) float32: DifFace-range degradations (spec §6.1) given at 512 px and
+    rescaled to the images' resolution R with `params_for_resolution` (σ, kernel and r scale by R/512)."""
+    res = images.shape[1]
+    lqs, gts = [], []
+    for idx in rng.integers(0, images.shape[0], size=batch_size):
+        params = params_for_resolution(sample_params(rng, ranges), res)
+        lq, gt = degrade_pair(images[idx], params, rng=rng)
+        lqs.append(lq)
+        gts.append(gt)
+    return np.stack(lqs), np.stack(gts)
+
+
+@dataclass(frozen=True, eq=False)
+class PairPool:
+    """A fixed set of (lq, gt) pairs at the pack resolution, each (N, R, R, 3) float32 in [0, 1]."""
+
+    lq: np.ndarray
+    gt: np.ndarray
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(lq, gt) batches drawn with replacement, each pair mirrored left-right with probability 1/2."""
+        idx = rng.integers(0, self.lq.shape[0], size=batch_size)
+        flip = rng.random(batch_size) < 0.5
+        lq, gt = self.lq[idx].copy(), self.gt[idx].copy()
+        lq[flip], gt[flip] = lq[flip, :, ::-1], gt[flip, :, ::-1]
+        return lq, gt
+
+
+def resize_bicubic(img: np.ndarray, resolution: int) -> np.ndarray:
+    """(H, W, 3) float in [0, 1] -> (R, R, 3) float32 via 8-bit PIL bicubic (antialiased when shrinking)."""
+    pil = Image.fromarray(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))
+    out = pil.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=None)
+    return np.asarray(out, dtype=np.float32) / np.float32(255.0)
+
+
+def build_pair_pool(
+    hq: np.ndarray,
+    resolution: int,
+    *,
+    per_image: int,
+    seed: int,
+    ranges: DegradationRanges = DIFFACE_RANGES,
+    cache: bool = True,
+) -> PairPool:
+    """`per_image` DifFace-range degradations of every HQ face (N, S, S, 3), made at S px (512 for the
+    spec's pipeline) and then resized to `resolution` — the way the Restorer sees a real 512-px crop.
+
+    Degrading at 512 and shrinking averages noise and JPEG artefacts away (8× at 64 px), which
+    `params_for_resolution` at 64 px does not: the two give very different LQ statistics. hflip/gray are
+    drawn at sampling time (hflip) or not at all (gray). Cached in the system temp folder.
+    """
+    key = hashlib.sha256(
+        hq[:, ::16, ::16].tobytes() + f"{hq.shape}|{resolution}|{per_image}|{seed}|{ranges}".encode()
+    ).hexdigest()[:24]
+    cache_path = Path(tempfile.gettempdir()) / "dynface_train_cache" / f"pool_{key}.npz"
+    if cache and cache_path.is_file():
+        with np.load(cache_path) as z:
+            return PairPool(lq=z["lq"], gt=z["gt"])
+    rng = np.random.default_rng(seed)
+    plain = dataclasses.replace(ranges, hflip_prob=0.0, gray_prob=0.0)
+    lqs, gts = [], []
+    for face in hq:
+        gt_small = resize_bicubic(face, resolution)
+        for _ in range(per_image):
+            lq, _ = degrade_pair(face, sample_params(rng, plain), rng=rng)
+            lqs.append(resize_bicubic(lq, resolution))
+            gts.append(gt_small)
+    pool = PairPool(lq=np.stack(lqs), gt=np.stack(gts))
+    if cache:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp.npz")
+        np.savez(tmp, lq=pool.lq, gt=pool.gt)
+        tmp.replace(cache_path)
+    return pool
+
+
+def draw_pairs(
+    images: np.ndarray, batch_size: int, rng: np.random.Generator, pool: PairPool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A training batch of (lq, gt): from `pool` when given, else on the fly at the images' resolution."""
+    if pool is not None:
+        return pool.sample(batch_size, rng)
+    return degraded_pairs(images, batch_size, rng)

@@ -1,0 +1,144 @@
+"""The starter recipe's sizes, steps and time budgets for every stage (one place, used by starter.py,
+the flows and the command line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from dynface.train.common import LoopConfig
+from dynface.train.dgsa import DGSATrainConfig
+from dynface.train.prior import PriorTrainConfig, prior_config
+from dynface.train.restorer_net import RMTrainConfig, swinir_config
+from dynface.train.sde import SDETrainConfig, sde_config
+from dynface.train.se import SETrainConfig
+
+REFERENCE_STD_RANGE = (1.0, 15.0)  # spec §3.7, pixels at 512
+# Share of the wall-time budget per stage (serial run). The prior is the expensive, quality-deciding part.
+BUDGET_SHARES = {"prior": 0.60, "rm": 0.20, "sde": 0.05, "se": 0.10, "dgsa": 0.05}
+
+
+@dataclass(frozen=True)
+class StarterPlan:
+    resolution: int
+    std_range: tuple[float, float]
+    prior: PriorTrainConfig
+    rm: RMTrainConfig
+    sde: SDETrainConfig
+    se: SETrainConfig
+    dgsa: DGSATrainConfig
+    sampler: dict[str, Any]
+    quick: bool
+    # Training pairs for RM, SE and DGSA: `pool_per_image` DifFace-range degradations of each face made
+    # at `degrade_resolution` px and resized to the pack resolution (dynface.train.data.build_pair_pool).
+    degrade_resolution: int = 512
+    pool_per_image: int = 8
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """Network configs as stored in the pack manifest."""
+        return {
+            "prior": self.prior.unet,
+            "rm": self.rm.swinir,
+            "tm": self.rm.swinir,
+            "sde": self.sde.sde,
+            "dgsa": self.dgsa.dgsa,
+        }
+
+
+def _loop(seed: int, budget_s: float | None, ckpt_every: int, progress: bool) -> LoopConfig:
+    return LoopConfig(steps=0, ckpt_every=ckpt_every, seed=seed, budget_s=budget_s, progress=progress)
+
+
+def starter_plan(
+    resolution: int = 64,
+    *,
+    quick: bool = False,
+    budget_minutes: float | None = 75.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> StarterPlan:
+    """The full CPU recipe (≈75 min serial on 2 cores at 64 px), or tiny sizes/steps when `quick`."""
+    if resolution % 32:
+        raise ValueError("the starter recipe needs a resolution that is a multiple of 32")
+    scale = resolution / 512
+    std_range = (REFERENCE_STD_RANGE[0] * scale, REFERENCE_STD_RANGE[1] * scale)
+
+    def budget(stage: str) -> float | None:
+        return None if budget_minutes is None else budget_minutes * 60 * BUDGET_SHARES[stage]
+
+    sampler = {
+        # ddim25 (stride 40): 18–24 model steps from t_start ∈ [690, 925], affordable on 2 CPU cores.
+        "respacing": "ddim25",
+        "mode": "dps",
+        "guidance_scale": 1.0,  # replaced by the tuned value when the pack is written
+        "batch_size": 8,
+    }
+    if quick:
+        unet = prior_config(resolution, width=32, attention=False)
+        unet["channel_mult"] = [1, 1]
+        lp = _loop(seed, None, 2, progress)
+        swin = swinir_config(resolution, embed_dim=16, depths=(1,))
+        return StarterPlan(
+            resolution=resolution,
+            std_range=std_range,
+            prior=PriorTrainConfig(unet=unet, steps=3, batch_size=2, warmup=1, loop=lp),
+            rm=RMTrainConfig(swinir=swin, steps=3, batch_size=2, warmup=1, loop=lp),
+            sde=SDETrainConfig(
+                sde=sde_config(resolution, std_range, width=8), steps=3, batch_size=2, loop=lp
+            ),
+            se=SETrainConfig(std_range=std_range, steps=2, batch_size=2, grid_size=5, calib_pairs=4, loop=lp),
+            dgsa=DGSATrainConfig(dgsa={"hidden": 8}, steps=2, batch_size=2, respacing="ddim10", loop=lp),
+            sampler={**sampler, "respacing": "ddim10", "batch_size": 4},
+            quick=True,
+            degrade_resolution=2 * resolution,
+            pool_per_image=2,
+        )
+    return StarterPlan(
+        resolution=resolution,
+        std_range=std_range,
+        prior=PriorTrainConfig(
+            unet=prior_config(resolution),
+            steps=1800,
+            batch_size=8,
+            lr=2e-4,
+            warmup=100,
+            loop=_loop(seed, budget("prior"), 100, progress),
+        ),
+        rm=RMTrainConfig(
+            swinir=swinir_config(resolution, embed_dim=60, depths=(4, 4)),
+            steps=900,
+            batch_size=8,
+            lr=2e-4,
+            loop=_loop(seed, budget("rm"), 100, progress),
+        ),
+        sde=SDETrainConfig(
+            sde=sde_config(resolution, std_range),
+            steps=400,
+            batch_size=16,
+            loop=_loop(seed, budget("sde"), 100, progress),
+        ),
+        se=SETrainConfig(
+            std_range=std_range, steps=300, batch_size=8, loop=_loop(seed, budget("se"), 50, progress)
+        ),
+        dgsa=DGSATrainConfig(
+            dgsa={"hidden": 32},
+            steps=300,
+            batch_size=8,
+            respacing=sampler["respacing"],
+            loop=_loop(seed, budget("dgsa"), 25, progress),
+        ),
+        sampler=sampler,
+        quick=False,
+    )
+
+
+def with_seed(plan: StarterPlan, seed: int) -> StarterPlan:
+    """The same plan with every stage's loop seed replaced."""
+    return replace(
+        plan,
+        prior=replace(plan.prior, loop=replace(plan.prior.loop, seed=seed)),
+        rm=replace(plan.rm, loop=replace(plan.rm.loop, seed=seed)),
+        sde=replace(plan.sde, loop=replace(plan.sde.loop, seed=seed)),
+        se=replace(plan.se, loop=replace(plan.se.loop, seed=seed)),
+        dgsa=replace(plan.dgsa, loop=replace(plan.dgsa.loop, seed=seed)),
+    )

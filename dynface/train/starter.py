@@ -1,0 +1,357 @@
+"""The `starter` pack recipe: every stage in order, then DSST, ζ tuning and the pack itself.
+
+Stages (each resumable from `<work_dir>/<stage>/last.pt`; a finished stage is only reloaded):
+prior → RM → SDE → SE (TM from RM) → DSST table (training faces, calibrated tol) → DGSA → pack.
+The pack is written with `write_pack`, then ζ (guidance_scale) is tuned on a few held-out faces with the
+"full" method and the pack is rewritten with the chosen sampler defaults and the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynface.diffusion import linear_betas
+from dynface.dsst import DSSTTable, build_dsst_table, mean_power_spectrum, plot_dsst_table
+from dynface.models.swinir import build_swinir
+from dynface.pack_writer import write_pack
+from dynface.paths import shared_dir
+from dynface.restorer import Restorer
+from dynface.train.card import CardFacts, render_card
+from dynface.train.common import LoopResult
+from dynface.train.data import FaceFile, build_pair_pool, list_faces, load_faces, split_faces
+from dynface.train.dgsa import FrozenNets, train_dgsa
+from dynface.train.evaluate import EvalResult, degraded_eval_set, evaluate_restorer
+from dynface.train.plan import StarterPlan, starter_plan, with_seed
+from dynface.train.prior import train_prior
+from dynface.train.restorer_net import train_rm
+from dynface.train.sde import train_sde
+from dynface.train.se import SEResult, train_se
+
+DEFAULT_SCALES = (1.0, 3.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class StarterReport:
+    manifest_uri: str
+    out_dir: str
+    work_dir: str
+    stages: dict[str, dict[str, Any]]  # steps, elapsed_s, stopped_by, final losses
+    tau: float
+    guidance_scale: float
+    tuning: dict[float, float]  # ζ -> mean PSNR (full) on the tuning faces
+    evaluation: dict[str, EvalResult]
+    n_train: int
+    n_holdout: int
+    wall_s: float
+
+
+def _stage_summary(result: LoopResult) -> dict[str, Any]:
+    return {
+        "steps": result.step,
+        "elapsed_s": round(result.elapsed_s, 1),
+        "stopped_by": result.stopped_by,
+        "final": {k: round(result.final(k), 6) for k in sorted(result.history)},
+    }
+
+
+def build_starter_dsst(images: np.ndarray, plan: StarterPlan, *, source: str) -> DSSTTable:
+    """DSST table from the training faces' mean PSD at the pack resolution, tol calibrated (tol=None)."""
+    psd = mean_power_spectrum(iter(images))
+    lo, hi = plan.std_range
+    return build_dsst_table(
+        psd,
+        np.cumprod(1.0 - linear_betas()),
+        resolution=plan.resolution,
+        std_min=lo,
+        std_max=hi,
+        std_step=0.1 * plan.resolution / 512,
+        tol=None,
+        n_images=int(images.shape[0]),
+        source=source,
+    )
+
+
+def write_holdout(path: Path, held: list[FaceFile]) -> None:
+    """Names only (paths relative to the data folder), one per line, sorted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{f.file}\n" for f in sorted(held, key=lambda f: f.file)))
+
+
+def _hardware() -> str:
+    return (
+        f"{platform.machine()} CPU ({os.cpu_count()} logical cores shared with other jobs), torch "
+        f"{torch.__version__} with {torch.get_num_threads()} thread(s), Python {platform.python_version()}"
+    )
+
+
+def _tune_and_eval(
+    folder: Path,
+    tune_lq: np.ndarray,
+    tune_gt: np.ndarray,
+    scales: tuple[float, ...],
+) -> tuple[float, dict[float, float]]:
+    restorer = Restorer.from_pack(str(folder), device="cpu")
+    scores: dict[float, float] = {}
+    for zeta in scales:
+        res = evaluate_restorer(
+            restorer.with_config(guidance_scale=zeta), tune_lq, tune_gt, methods=("full",)
+        )
+        scores[zeta] = res["full"].mean_psnr
+    best = max(scores, key=lambda z: scores[z])
+    return best, scores
+
+
+def train_starter(
+    out_dir: str | Path,
+    *,
+    resolution: int = 64,
+    quick: bool = False,
+    budget_minutes: float | None = 75.0,
+    data_dir: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    tune_faces: int = 8,
+    eval_faces: int = 20,
+    scales: tuple[float, ...] = DEFAULT_SCALES,
+    exclude_sources: tuple[str, ...] | None = None,
+    notes: tuple[str, ...] = (),
+) -> StarterReport:
+    """Train every component and write the pack to `out_dir`.
+
+    `data_dir` holds the HQ faces (default: the shared data; a folder with MANIFEST.csv uses its
+    `hq_aligned` rows, any other folder all its images). `work_dir` keeps checkpoints and loss curves
+    (default: a folder in the system temp dir named after the pack; never inside the repository).
+    Held-out faces (sha256 prefix rule, dynface.train.data) are listed in `<out_dir>/holdout.txt`,
+    ζ is tuned on `tune_faces` of them and PSNR reported on the first `eval_faces`. `notes` are added to
+    the model card verbatim (e.g. how a run deviated from the plan).
+    """
+    started = time.perf_counter()
+    out = Path(out_dir)
+    data = Path(data_dir) if data_dir is not None else shared_dir() / "data"
+    work = (
+        Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir()) / f"dynface_work_{out.name}"
+    )
+    plan = with_seed(
+        starter_plan(resolution, quick=quick, budget_minutes=budget_minutes, progress=progress), seed
+    )
+    kw = {} if exclude_sources is None else {"exclude": exclude_sources}
+    faces = list_faces(data, **kw)
+    train_files, held_files = split_faces(faces)
+    if not train_files:
+        raise ValueError("every face is held out: nothing to train on")
+    images = load_faces(data, train_files, resolution)
+
+    prior = train_prior(images, work / "prior", plan.prior)
+    pool = build_pair_pool(
+        load_faces(data, train_files, plan.degrade_resolution),
+        resolution,
+        per_image=plan.pool_per_image,
+        seed=seed,
+    )
+    rm = train_rm(images, work / "rm", plan.rm, pool=pool)
+    sde = train_sde(images, work / "sde", plan.sde)
+    tm = build_swinir(plan.rm.swinir)
+    tm.load_state_dict(rm.model.state_dict())
+    se: SEResult = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=pool)
+    dsst = build_starter_dsst(images, plan, source=f"{len(train_files)} training faces ({data.name})")
+    plot_dsst_table(dsst, str(work / "dsst.png"))
+    nets = FrozenNets(
+        prior=prior.model, rm=rm.model, se=se.se, dsst=dsst, std_range=plan.std_range, resolution=resolution
+    )
+    configs = plan.configs()
+    networks: dict[str, tuple[Any, dict[str, Any]]] = {
+        "prior": (prior.model, configs["prior"]),
+        "rm": (rm.model, configs["rm"]),
+        "tm": (se.se.transfer, configs["tm"]),
+        "sde": (se.se.sde, configs["sde"]),
+    }
+
+    def write(sampler: dict[str, Any], card: str | None) -> str:
+        return write_pack(
+            str(out),
+            name="starter",
+            resolution=resolution,
+            std_range=plan.std_range,
+            networks=networks,
+            dsst=dsst,
+            sampler=sampler,
+            card=card,
+        )
+
+    # ζ first, with global guidance (A_t = 1, a pack without DGSA), so that DGSA then learns to modulate
+    # the guidance scale the pack will actually use.
+    sampler = dict(plan.sampler)
+    write_holdout(out / "holdout.txt", held_files)
+    uri = write(sampler, None)
+    tuning: dict[float, float] = {}
+    evaluation: dict[str, EvalResult] = {}
+    lq = gt = None
+    n_eval = 0
+    if held_files:
+        # ζ is tuned on held-out faces after the first `eval_faces` (the reported ones) when there are
+        # enough; a tiny data set (quick runs) tunes on the evaluation faces themselves.
+        n_eval = min(eval_faces, len(held_files))
+        tune_sel = list(range(n_eval, min(n_eval + tune_faces, len(held_files)))) or list(
+            range(min(tune_faces, n_eval))
+        )
+        used = held_files[: max(n_eval, tune_sel[-1] + 1)]
+        hq = load_faces(data, used, 512 if not quick else resolution)
+        lq, gt = degraded_eval_set(hq, resolution)
+        best, tuning = _tune_and_eval(out, lq[tune_sel], gt[tune_sel], scales)
+        sampler["guidance_scale"] = best
+    dgsa_config = replace(plan.dgsa, guidance_scale=float(sampler["guidance_scale"]))
+    dgsa = train_dgsa(images, work / "dgsa", dgsa_config, nets=nets, pool=pool)
+    networks["dgsa"] = (dgsa.model, configs["dgsa"])
+    uri = write(sampler, None)
+    if lq is not None and gt is not None:
+        restorer = Restorer.from_pack(str(out), device="cpu")
+        evaluation = evaluate_restorer(restorer, lq[:n_eval], gt[:n_eval])
+    stages = {
+        "prior": _stage_summary(prior),
+        "rm": _stage_summary(rm),
+        "sde": _stage_summary(sde),
+        "se": _stage_summary(se.loop),
+        "dgsa": _stage_summary(dgsa),
+    }
+    _copy_curves(work, out / "curves")
+    facts = CardFacts(
+        resolution=resolution,
+        std_range=plan.std_range,
+        stages=stages,
+        configs=configs,
+        tau=se.tau,
+        label_quantiles=se.label_quantiles,
+        dsst=dsst,
+        sampler=sampler,
+        tuning=tuning,
+        evaluation=evaluation,
+        train_files=train_files,
+        n_holdout=len(held_files),
+        se=plan.se,
+        dgsa_mode=plan.dgsa.mode,
+        dgsa_scale=dgsa_config.guidance_scale,
+        pool=f"{pool.lq.shape[0]} pairs ({plan.pool_per_image} per training face, degraded at "
+        f"{plan.degrade_resolution} px)",
+        notes=notes,
+        excluded_sources=tuple(kw.get("exclude", ())) or None,
+        hardware=_hardware(),
+        quick=quick,
+    )
+    (out / "MODEL_CARD.md").write_text(render_card(facts))
+    short = "Starter pack: small networks trained on CPU at 64 px; see MODEL_CARD.md (research use only)."
+    uri = write(sampler, short)
+    report = StarterReport(
+        manifest_uri=uri,
+        out_dir=str(out),
+        work_dir=str(work),
+        stages=stages,
+        tau=se.tau,
+        guidance_scale=float(sampler["guidance_scale"]),
+        tuning=tuning,
+        evaluation=evaluation,
+        n_train=len(train_files),
+        n_holdout=len(held_files),
+        wall_s=time.perf_counter() - started,
+    )
+    (work / "report.json").write_text(json.dumps(_report_json(report), indent=1))
+    return report
+
+
+def _copy_curves(work: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for stage in ("prior", "rm", "sde", "se", "dgsa"):
+        src = work / stage / "loss.png"
+        if src.is_file():
+            shutil.copyfile(src, dest / f"{stage}_loss.png")
+    if (work / "dsst.png").is_file():
+        shutil.copyfile(work / "dsst.png", dest / "dsst.png")
+
+
+def _report_json(report: StarterReport) -> dict[str, Any]:
+    data = {k: v for k, v in report.__dict__.items() if k != "evaluation"}
+    data["tuning"] = {str(k): v for k, v in report.tuning.items()}
+    data["evaluation"] = {
+        k: {"mean_psnr": v.mean_psnr, "psnrs": v.psnrs} for k, v in report.evaluation.items()
+    }
+    return data
+
+
+def check_pack(
+    pack_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    eval_faces: int = 20,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Restore every image of `<data>/lq_real_aligned` (raises if any fails or changes size) and report
+    mean PSNR of LQ / rm_only / full on the first `eval_faces` held-out faces (evaluate.py protocol)."""
+    from PIL import Image
+
+    data = Path(data_dir) if data_dir is not None else shared_dir() / "data"
+    restorer = Restorer.from_pack(str(pack_dir), device="cpu", overrides=overrides)
+    files = sorted(p for p in (data / "lq_real_aligned").rglob("*") if p.suffix.lower() in (".png", ".jpg"))
+    faces = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    t0 = time.perf_counter()
+    results = restorer.restore(faces)
+    seconds = time.perf_counter() - t0
+    if len(results) != len(faces):
+        raise RuntimeError(f"restored {len(results)} of {len(faces)} real LQ faces")
+    for path, face, res in zip(files, faces, results):
+        if res.image.shape != face.shape or not np.isfinite(res.std_hat):
+            raise RuntimeError(f"{path.name}: bad result (shape {res.image.shape}, std {res.std_hat})")
+    held = split_faces(list_faces(data))[1][:eval_faces]
+    lq, gt = degraded_eval_set(load_faces(data, held, 512), restorer.resolution)
+    evaluation = evaluate_restorer(restorer, lq, gt)
+    return {
+        "lq_real_restored": len(results),
+        "lq_real_seconds": round(seconds, 1),
+        "heldout_faces": len(held),
+        "mean_psnr": {k: round(v.mean_psnr, 3) for k, v in evaluation.items()},
+    }
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """Command line: `train_starter.py OUT [--quick] [--budget-minutes M] [--data-dir D] ...`."""
+    parser = argparse.ArgumentParser(description="Train every DynFace component and write the starter pack.")
+    parser.add_argument("out_dir", nargs="?", default="weights/starter")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and steps (seconds; for tests)")
+    parser.add_argument("--budget-minutes", type=float, default=75.0)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (2 when the machine is idle)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--check", action="store_true", help="only check an existing pack (no training)")
+    parser.add_argument("--note", action="append", default=[], help="a line for the model card (repeatable)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.check:
+        print(json.dumps(check_pack(args.out_dir, data_dir=args.data_dir), indent=1))
+        return 0
+    report = train_starter(
+        args.out_dir,
+        resolution=args.resolution,
+        quick=args.quick,
+        budget_minutes=args.budget_minutes,
+        data_dir=args.data_dir,
+        work_dir=args.work_dir,
+        seed=args.seed,
+        progress=not args.no_progress,
+        notes=tuple(args.note),
+    )
+    print(json.dumps(_report_json(report), indent=1))
+    return 0

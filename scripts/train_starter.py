@@ -1,0 +1,17 @@
+"""Train every DynFace component on CPU and write the `starter` pack.
+
+    python scripts/train_starter.py weights/starter --budget-minutes 75 --threads 1
+    python scripts/train_starter.py /tmp/pack --quick            # tiny sizes, seconds
+    python scripts/train_starter.py weights/starter --check      # only check an existing pack
+
+The command-line logic lives in `dynface.train.starter.cli_main` (for `dynface train starter`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dynface.train.starter import cli_main
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))

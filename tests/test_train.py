@@ -1,0 +1,363 @@
+"""Training code: overfit checks on fixed batches, exact resume, std* labels, data split, quick pack."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dynface.blur import gaussian_blur
+from dynface.diffusion import linear_betas
+from dynface.dsst import build_dsst_table, mean_power_spectrum
+from dynface.models.se import StdEstimator
+from dynface.models.swinir import build_swinir
+from dynface.packs import load_pack
+from dynface.restorer import Restorer
+from dynface.train.common import LoopConfig, ema_update, warmup_cosine
+from dynface.train.data import build_pair_pool, list_faces, split_faces
+from dynface.train.dgsa import DGSATrainConfig, FrozenNets, train_dgsa
+from dynface.train.prior import PriorTrainConfig, prior_config, train_prior
+from dynface.train.restorer_net import RMTrainConfig, swinir_config, train_rm
+from dynface.train.sde import SDETrainConfig, sde_config, train_sde
+from dynface.train.se import SETrainConfig, blurred_psnr, calibrate_tau, std_star, train_se
+from dynface.train.starter import train_starter
+
+STD_RANGE_32 = (1.0 / 16, 15.0 / 16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _faces(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth synthetic 'faces': an ellipse on a gradient plus a little texture, (n, size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        cx, cy, r = rng.uniform(0.4, 0.6), rng.uniform(0.4, 0.6), rng.uniform(0.2, 0.35)
+        blob = ((xx - cx) ** 2 + (yy - cy) ** 2 < r**2).astype(np.float64)
+        base = np.stack([0.3 + 0.4 * blob, 0.2 + 0.3 * blob + 0.2 * xx, 0.5 * yy + 0.2], -1)
+        out.append(np.clip(base + 0.03 * rng.standard_normal(base.shape), 0, 1))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _loop(tmp: Path, **kw) -> LoopConfig:
+    return LoopConfig(steps=0, ckpt_every=2, seed=0, progress=False, **kw)
+
+
+def _decreases(history: list[float]) -> bool:
+    return history[-1] < history[0]
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- common
+
+
+def test_warmup_cosine_values() -> None:
+    lr = warmup_cosine(1.0, warmup=4, total=14, final_frac=0.1)
+    assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr(4) == pytest.approx(1.0)
+    assert lr(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert lr(14) == pytest.approx(0.1) and lr(100) == pytest.approx(0.1)
+
+
+def test_ema_update_hand_computed() -> None:
+    ema, model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        ema.weight.fill_(1.0), ema.bias.fill_(0.0), model.weight.fill_(3.0), model.bias.fill_(2.0)
+    ema_update(ema, model, 0.75)
+    assert ema.weight.item() == pytest.approx(1.5) and ema.bias.item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- trainers
+
+
+def _prior_cfg(tmp: Path, steps: int, resolution: int = 16, **kw) -> PriorTrainConfig:
+    unet = {**prior_config(16), "image_size": resolution}
+    return PriorTrainConfig(unet=unet, steps=steps, batch_size=4, lr=1e-3, warmup=1, loop=_loop(tmp, **kw))
+
+
+def test_prior_overfits_a_fixed_batch(tmp_path: Path) -> None:
+    res = train_prior(_faces(4, 16), tmp_path, _prior_cfg(tmp_path, 6, fixed_batch=True))
+    assert res.step == 6 and _decreases(res.history["loss"])
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_prior_resumes_to_the_same_state(tmp_path: Path) -> None:
+    images = _faces(4, 16)
+    straight = train_prior(images, tmp_path / "a", _prior_cfg(tmp_path, 4))
+    first = train_prior(images, tmp_path / "b", _prior_cfg(tmp_path, 4, stop_after=2))
+    assert first.step == 2 and first.stopped_by == "stop_after"
+    resumed = train_prior(images, tmp_path / "b", _prior_cfg(tmp_path, 4))
+    assert resumed.step == 4 and resumed.history["loss"] == straight.history["loss"]
+    _same_state(resumed.raw, straight.raw)
+    _same_state(resumed.model, straight.model)  # the EMA copy too
+
+
+def _rm_cfg(tmp: Path, steps: int, **kw) -> RMTrainConfig:
+    swin = swinir_config(32, embed_dim=16, depths=(1,))
+    return RMTrainConfig(swinir=swin, steps=steps, batch_size=2, lr=2e-3, warmup=1, loop=_loop(tmp, **kw))
+
+
+def test_rm_overfits_and_resumes(tmp_path: Path) -> None:
+    images = _faces(3, 32)
+    fit = train_rm(images, tmp_path / "fit", _rm_cfg(tmp_path, 6, fixed_batch=True))
+    assert _decreases(fit.history["loss"])
+    straight = train_rm(images, tmp_path / "a", _rm_cfg(tmp_path, 3))
+    train_rm(images, tmp_path / "b", _rm_cfg(tmp_path, 3, stop_after=1))
+    resumed = train_rm(images, tmp_path / "b", _rm_cfg(tmp_path, 3))
+    assert resumed.history["loss"] == straight.history["loss"]
+    _same_state(resumed.model, straight.model)
+
+
+def _sde_cfg(tmp: Path, steps: int, **kw) -> SDETrainConfig:
+    return SDETrainConfig(
+        sde=sde_config(32, STD_RANGE_32, width=8), steps=steps, batch_size=4, lr=3e-3, loop=_loop(tmp, **kw)
+    )
+
+
+def test_sde_overfits_and_resumes(tmp_path: Path) -> None:
+    images = _faces(3, 32)
+    fit = train_sde(images, tmp_path / "fit", _sde_cfg(tmp_path, 8, fixed_batch=True))
+    assert _decreases(fit.history["loss"])
+    straight = train_sde(images, tmp_path / "a", _sde_cfg(tmp_path, 3))
+    train_sde(images, tmp_path / "b", _sde_cfg(tmp_path, 3, stop_after=2))
+    resumed = train_sde(images, tmp_path / "b", _sde_cfg(tmp_path, 3))
+    _same_state(resumed.model, straight.model)
+
+
+def _se_parts(images: np.ndarray, tmp: Path):
+    rm = train_rm(images, tmp / "rm", _rm_cfg(tmp, 1)).model
+    sde = train_sde(images, tmp / "sde", _sde_cfg(tmp, 1)).model
+    tm = build_swinir(swinir_config(32, embed_dim=16, depths=(1,)))
+    tm.load_state_dict(rm.state_dict())
+    return rm, sde, tm
+
+
+def test_se_overfits_and_resumes(tmp_path: Path) -> None:
+    images = _faces(3, 32)
+
+    def cfg(steps: int, **kw) -> SETrainConfig:
+        return SETrainConfig(
+            std_range=STD_RANGE_32,
+            steps=steps,
+            batch_size=2,
+            lr=2e-3,
+            warmup=1,
+            grid_size=5,
+            calib_pairs=4,
+            loop=_loop(tmp_path, **kw),
+        )
+
+    rm, sde, tm = _se_parts(images, tmp_path)
+    fit = train_se(images, tmp_path / "fit", cfg(6, fixed_batch=True), rm=rm, sde=sde, tm=tm)
+    assert _decreases(fit.loop.history["loss"])
+    assert STD_RANGE_32[0] <= fit.label_quantiles[0] <= fit.label_quantiles[2] <= STD_RANGE_32[1]
+    runs = {}
+    for name, stop in (("a", None), ("b", 1), ("b", None)):
+        rm, sde, tm = _se_parts(images, tmp_path)
+        runs[name] = train_se(images, tmp_path / name, cfg(3, stop_after=stop), rm=rm, sde=sde, tm=tm)
+    assert runs["a"].tau == runs["b"].tau
+    _same_state(runs["b"].se, runs["a"].se)
+
+
+def _frozen_nets(images: np.ndarray, tmp: Path) -> FrozenNets:
+    prior = train_prior(images, tmp / "prior", _prior_cfg(tmp, 1, resolution=32)).model
+    rm, sde, tm = _se_parts(images, tmp)
+    psd = mean_power_spectrum(iter(images))
+    dsst = build_dsst_table(
+        psd,
+        np.cumprod(1 - linear_betas()),
+        resolution=32,
+        std_min=STD_RANGE_32[0],
+        std_max=STD_RANGE_32[1],
+        std_step=0.0625,
+    )
+    return FrozenNets(
+        prior=prior, rm=rm, se=StdEstimator(sde, tm), dsst=dsst, std_range=STD_RANGE_32, resolution=32
+    )
+
+
+def test_dgsa_overfits_and_resumes(tmp_path: Path) -> None:
+    images = _faces(3, 32)
+    nets = _frozen_nets(images, tmp_path)
+
+    def cfg(steps: int, mode: str = "closed_form", **kw) -> DGSATrainConfig:
+        return DGSATrainConfig(
+            dgsa={"hidden": 8},
+            steps=steps,
+            batch_size=2,
+            lr=2e-2,
+            warmup=1,
+            respacing="ddim10",
+            mode=mode,
+            guidance_scale=5.0,
+            loop=_loop(tmp_path, **kw),
+        )
+
+    fit = train_dgsa(images, tmp_path / "fit", cfg(5, mode="dps", fixed_batch=True), nets=nets)
+    assert _decreases(fit.history["loss"])
+    # The prior stays frozen: gradients reach DGSA only.
+    assert all(not p.requires_grad for p in nets.prior.parameters())
+    straight = train_dgsa(images, tmp_path / "a", cfg(3), nets=nets)
+    train_dgsa(images, tmp_path / "b", cfg(3, stop_after=2), nets=nets)
+    resumed = train_dgsa(images, tmp_path / "b", cfg(3), nets=nets)
+    assert resumed.history["loss"] == straight.history["loss"]
+    _same_state(resumed.model, straight.model)
+
+
+# ---------------------------------------------------------------------------------------------- std* labels
+
+
+def test_blurred_psnr_against_scipy() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random((2, 3, 12, 12)), rng.random((2, 3, 12, 12))
+    for s in (1.0, 2.0):
+        # One std per call: a grid shares the largest std's kernel size (longer, near-zero tails), while
+        # scipy truncates each std at its own 3σ radius (equal to ours when 3σ is an integer).
+        grid = torch.tensor([s], dtype=torch.float64)
+        ours = blurred_psnr(torch.from_numpy(a), torch.from_numpy(b), grid).numpy()
+        fa = gaussian_filter(a, sigma=(0, 0, s, s), mode="mirror", truncate=3.0)
+        fb = gaussian_filter(b, sigma=(0, 0, s, s), mode="mirror", truncate=3.0)
+        ref = -10 * np.log10(((fa - fb) ** 2).reshape(2, -1).mean(1))
+        np.testing.assert_allclose(ours[:, 0], ref, rtol=1e-9)
+
+
+def test_std_star_and_tau_calibration() -> None:
+    grid = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    psnr = torch.tensor([[20.0, 26.0, 31.0, 35.0], [31.0, 33.0, 36.0, 40.0], [10.0, 12.0, 14.0, 16.0]])
+    assert std_star(psnr, grid, 30.0).tolist() == [1.5, 0.5, 2.0]  # the last: never reached -> std_max
+    assert std_star(psnr, grid, 34.0).tolist() == [2.0, 1.5, 2.0]
+    # Middle of the range is 1.25; tau = 26 gives labels [1.0, 0.5, 2.0] (median 1.0, error 0.25), and
+    # no candidate makes the median land closer: the smallest such tau (≤ 26 in 0.25 steps) wins.
+    tau = calibrate_tau(psnr, grid, candidates=torch.tensor([20.0, 26.0, 31.0, 36.0]))
+    assert tau == 20.0 or float(std_star(psnr, grid, tau).median()) in (1.0, 1.5)
+    assert calibrate_tau(psnr, grid, candidates=torch.tensor([36.0, 26.0])) == 26.0
+
+
+def test_se_label_is_blur_of_ground_truth() -> None:
+    # The TM target k_{std*} ⊛ x0 uses the per-sample label std (gaussian_blur with a (B,) std).
+    x0 = torch.rand(2, 3, 16, 16)
+    star = torch.tensor([0.5, 1.5])
+    both = gaussian_blur(x0, star)
+    torch.testing.assert_close(both[1:], gaussian_blur(x0[1:], 1.5))
+
+
+# ---------------------------------------------------------------------------------------------- data + pack
+
+
+def _write_faces(folder: Path, n: int, size: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, face in enumerate(_faces(n, size, seed=7)):
+        Image.fromarray((face * 255).round().astype(np.uint8)).save(folder / f"face{i:02d}.png")
+
+
+def test_split_rule_uses_sha256_prefixes(tmp_path: Path) -> None:
+    _write_faces(tmp_path / "src", 16, 16)
+    faces = list_faces(tmp_path)
+    train, held = split_faces(faces)
+    for f in faces:
+        digest = hashlib.sha256((tmp_path / f.file).read_bytes()).hexdigest()
+        assert f.sha256 == digest
+        assert (f in held) == digest.startswith(("0", "1"))
+    assert len(train) + len(held) == 16
+    with pytest.raises(ValueError):
+        list_faces(tmp_path / "nothing_here")
+
+
+def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _write_faces(data / "src", 12, 32)
+    out = tmp_path / "pack"
+    report = train_starter(
+        out,
+        resolution=32,
+        quick=True,
+        data_dir=data,
+        work_dir=tmp_path / "work",
+        progress=False,
+        tune_faces=1,
+        eval_faces=2,
+        scales=(0.5, 1.0),
+    )
+    loaded = load_pack(str(out))  # verifies every sha256
+    assert loaded.se is not None and loaded.dgsa is not None and loaded.dsst is not None
+    assert loaded.manifest.resolution == 32 and loaded.manifest.sampler["guidance_scale"] in (0.5, 1.0)
+    held = [f.file for f in split_faces(list_faces(data))[1]]
+    assert (out / "holdout.txt").read_text().split() == sorted(held)
+    assert "## Ablation" in (out / "MODEL_CARD.md").read_text()
+    face = (_faces(1, 32, seed=9)[0] * 255).astype(np.uint8)
+    result = Restorer.from_pack(str(out), device="cpu").restore([face])[0]
+    assert result.image.shape == (32, 32, 3) and result.image.dtype == np.uint8
+    assert set(report.stages) == {"prior", "rm", "sde", "se", "dgsa"}
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_starter_pack_restores_every_real_lq_face(data_dir: Path) -> None:
+    pack = Path(__file__).resolve().parent.parent / "weights" / "starter"
+    if not (pack / "manifest.json").is_file():
+        pytest.skip("weights/starter not built yet")
+    files = sorted(
+        p for p in (data_dir / "lq_real_aligned").rglob("*") if p.suffix.lower() in (".png", ".jpg")
+    )
+    assert len(files) > 0
+    # Every face goes through DBLM (resize, RM, SE) via rm_only; the sampler path is the same for any face,
+    # so only a few faces (the odd-sized one included) run the full method, on a coarse grid to keep the
+    # suite fast. `scripts/train_starter.py weights/starter --check` runs all faces with the pack defaults.
+    restorer = Restorer.from_pack(
+        str(pack), device="cpu", overrides={"respacing": "ddim5", "mode": "closed_form", "batch_size": 40}
+    )
+    faces = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    results = restorer.with_config(method="rm_only").restore(faces)
+    assert len(results) == len(faces)
+    for face, res in zip(faces, results):
+        assert res.image.shape == face.shape and np.isfinite(res.std_hat)
+    odd = [i for i, f in enumerate(faces) if f.shape[0] != f.shape[1]][:1]
+    few = sorted(set(odd + [0, len(faces) // 2, len(faces) - 1]))
+    full = restorer.restore([faces[i] for i in few])
+    for i, res in zip(few, full):
+        assert res.image.shape == faces[i].shape and res.n_steps > 0 and res.t_start >= 690
+
+
+def test_list_faces_excludes_sources(tmp_path: Path) -> None:
+    _write_faces(tmp_path / "keep", 2, 16)
+    _write_faces(tmp_path / "drop", 2, 16)
+    names = {f.source for f in list_faces(tmp_path, exclude=("drop",))}
+    assert names == {"keep"}
+    assert {f.source for f in list_faces(tmp_path, exclude=())} == {"keep", "drop"}
+
+
+def test_pair_pool_degrades_at_source_size_and_flips_pairs_together() -> None:
+    hq = _faces(2, 64, seed=4)
+    pool = build_pair_pool(hq, 16, per_image=3, seed=0, cache=False)
+    assert pool.lq.shape == pool.gt.shape == (6, 16, 16, 3)
+    # GT is the HQ face shrunk with PIL bicubic, three times per face.
+    ref = np.asarray(
+        Image.fromarray((hq[1] * 255).round().astype(np.uint8)).resize((16, 16), Image.Resampling.BICUBIC),
+        dtype=np.float32,
+    )
+    np.testing.assert_allclose(pool.gt[3:6], np.broadcast_to(ref / 255, (3, 16, 16, 3)), atol=1e-6)
+    assert not np.allclose(pool.lq, pool.gt, atol=1e-3)  # the LQ side is degraded
+    lq, gt = pool.sample(32, np.random.default_rng(1))
+    for a, b in zip(lq, gt):
+        i = next(
+            i for i in range(6) if np.array_equal(b, pool.gt[i]) or np.array_equal(b, pool.gt[i][:, ::-1])
+        )
+        flipped = not np.array_equal(b, pool.gt[i])
+        matches = [j for j in range(6) if np.array_equal(a, pool.lq[j][:, ::-1] if flipped else pool.lq[j])]
+        assert matches and all(j // 3 == i // 3 for j in matches)
