@@ -248,12 +248,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train ------------------------------------------------------------------------------------------
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train model packs")
+    sub = p.add_subparsers(dest="train_command", required=True)
+    s = sub.add_parser("starter", help="train the starter pack from scratch (weights/starter/MODEL_CARD.md)")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="OUT_DIR and options (--quick, --check, ...)")
+    s.set_defaults(handler=run_train_starter)
+
+
+def run_train_starter(args: argparse.Namespace) -> int:
+    from dynface.train.starter import cli_main
+
+    return cli_main(list(args.args))
+
+
 # -- entry point ------------------------------------------------------------------------------------
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_restore_command,
     add_catalog_command,
     add_pack_command,
     add_evaluate_command,
+    add_train_command,
 )
 
 
