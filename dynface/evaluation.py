@@ -78,23 +78,19 @@ def build_eval_set(
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(hq_uri)
-    keep = set(names) if names is not None else None
-    faces, kept = [], []
-    for path in sorted(fs.find(root)):
-        name = path.rsplit("/", 1)[-1]
-        if not name.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
-            continue
-        if keep is not None and name not in keep:
-            continue
-        kept.append(name)
-        if limit is not None and len(kept) >= limit:
-            break
-    if not kept:
+    root = root.rstrip("/")
+    exts = (".png", ".jpg", ".jpeg", ".webp")
+    paths = sorted(p for p in fs.find(root) if p.lower().endswith(exts))
+    if names is not None:
+        # Entries are file names or paths relative to any parent of the files (e.g. MANIFEST.csv's).
+        wanted = [n.strip("/") for n in names]
+        paths = [p for p in paths if any(p == w or p.endswith("/" + w) for w in wanted)]
+    if limit is not None:
+        paths = paths[:limit]
+    if not paths:
         raise ValueError(f"no HQ images found under {hq_uri}")
-    by_name = {p.rsplit("/", 1)[-1]: p for p in fs.find(root)}
-    for name in kept:
-        (face,) = list(iter_images(f"{fs.unstrip_protocol(by_name[name])}", resolution=512))
-        faces.append(face)
+    kept = [p[len(root) + 1 :] if p.startswith(root + "/") else p for p in paths]
+    faces = [next(iter_images(fs.unstrip_protocol(p), resolution=512)) for p in paths]
     n = len(faces)
     if protocol == "random":
         params = random_test_params(n, seed=seed, ranges=DIFFACE_RANGES)
