@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 RUN=${DYNFACE_RUN_DIR:-$ROOT/.run}
 BIN=${DYNFACE_BIN:-$ROOT/.venv/bin}
-POOL=${DYNFACE_WORK_POOL:-dynface-local}
+POOL=dynface-local  # the work pool named in prefect.yaml (deployments register against that name)
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 RAY_USAGE_STATS_ENABLED=0 AWS_EC2_METADATA_DISABLED=true
+# Loopback traffic (CLI, worker and health checks to the server) never goes through a proxy.
+export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}" no_proxy="127.0.0.1,localhost${no_proxy:+,$no_proxy}"
 export PREFECT_HOME="$RUN/prefect"
 export DYNFACE_ROOT="$ROOT"
 mkdir -p "$RUN" "$PREFECT_HOME"
@@ -28,32 +30,54 @@ stop_pid() {
   fi
 }
 
+stop_all() {
+  stop_pid "$RUN/worker.pid"   # the worker first, then the server it talks to
+  stop_pid "$RUN/server.pid"
+}
+
 case "${1:-}" in
   start)
     PORT=${2:-${PREFECT_PORT:-4200}}
+    for name in server worker; do
+      if [ -f "$RUN/$name.pid" ] && kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then
+        echo "A Prefect $name from $RUN is already running; run '$0 stop' first." >&2
+        exit 1
+      fi
+    done
+    # A start that fails half-way stops what it started, so no orphan server keeps the port.
+    trap 'echo "start failed; stopping what was started" >&2; stop_all' ERR
     export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
     echo "$PREFECT_API_URL" > "$RUN/api_url"
-    setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$RUN/server.log" 2>&1 &
+    # The server looks up Prefect's collection registry (https, GitHub) when a work pool is created
+    # and falls back to a bundled copy: a dead loopback proxy makes that lookup fail at once, on
+    # this machine, instead of reaching for the internet.
+    HTTPS_PROXY=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9 \
+      setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$RUN/server.log" 2>&1 &
     echo $! > "$RUN/server.pid"
     for i in $(seq 1 120); do
       if "$BIN/python" -c "import urllib.request,sys; urllib.request.urlopen('$PREFECT_API_URL/health', timeout=2)" 2>/dev/null; then
         break
       fi
-      [ "$i" = 120 ] && { echo "Prefect server did not become healthy; see $RUN/server.log" >&2; exit 1; }
+      if [ "$i" = 120 ]; then
+        echo "Prefect server did not become healthy; see $RUN/server.log" >&2
+        stop_all
+        exit 1
+      fi
       sleep 0.5
     done
     "$BIN/prefect" work-pool inspect "$POOL" > /dev/null 2>&1 \
       || "$BIN/prefect" work-pool create "$POOL" --type process > /dev/null
-    "$BIN/prefect" --no-prompt deploy --all > "$RUN/deploy.log" 2>&1 || { cat "$RUN/deploy.log" >&2; exit 1; }
+    "$BIN/prefect" --no-prompt deploy --all > "$RUN/deploy.log" 2>&1 \
+      || { cat "$RUN/deploy.log" >&2; stop_all; exit 1; }
     PREFECT_WORKER_QUERY_SECONDS=${PREFECT_WORKER_QUERY_SECONDS:-2} \
       setsid "$BIN/prefect" worker start --pool "$POOL" > "$RUN/worker.log" 2>&1 &
     echo $! > "$RUN/worker.pid"
+    trap - ERR
     echo "Prefect server at $PREFECT_API_URL, worker on pool '$POOL' (logs in $RUN)."
     echo "Run:  PREFECT_API_URL=$PREFECT_API_URL $BIN/prefect deployment run restore-archive/nightly --watch"
     ;;
   stop)
-    stop_pid "$RUN/worker.pid"   # the worker first, then the server it talks to
-    stop_pid "$RUN/server.pid"
+    stop_all
     echo "Prefect worker and server stopped."
     ;;
   *)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -12,39 +11,10 @@ import numpy as np
 import pytest
 from make_bad_inputs import synthetic_face
 from PIL import Image
+from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
 from dynface.cli import OFFLINE_ENV, SUBCOMMANDS, build_parser, main, parse_option
 from dynface.pack_writer import write_random_pack
-from dynface.raylocal import RAY_HOME_ENV, connect_ray
-
-
-@pytest.fixture(scope="module")
-def prefect_api(request: pytest.FixtureRequest) -> str:
-    """One Prefect test server per pytest session, shared through the config object (see
-    tests/test_pipeline.py)."""
-    import prefect.settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    url = getattr(request.config, "_dynface_prefect_api_url", None)
-    if url is None:
-        stack = contextlib.ExitStack()
-        stack.enter_context(prefect_test_harness(server_startup_timeout=180))
-        request.session.addfinalizer(stack.close)
-        url = prefect.settings.PREFECT_API_URL.value()
-        request.config._dynface_prefect_api_url = url
-    return url
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory):
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(RAY_HOME_ENV, str(tmp_path_factory.mktemp("ray-home")))
-        mp.delenv("RAY_ADDRESS", raising=False)
-        conn = connect_ray(num_cpus=2)
-        yield conn
-        ray.shutdown()
 
 
 @pytest.fixture
@@ -67,8 +37,8 @@ def test_parse_option_reads_json_values_else_strings():
 
 def test_subcommands_are_registered_explicitly():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["restore", "catalog", "pack"]
-    assert len(SUBCOMMANDS) == 3
+    assert list(sub.choices) == ["restore", "catalog", "pack", "evaluate", "train"]
+    assert len(SUBCOMMANDS) == 5
     with pytest.raises(SystemExit):
         main(["no-such-command"])
 

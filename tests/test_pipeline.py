@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import shutil
 from pathlib import Path
@@ -11,11 +10,11 @@ import numpy as np
 import pytest
 from make_bad_inputs import synthetic_face
 from PIL import Image
+from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
 from catalogs import Catalog
 from dynface.faces import aligned_input
 from dynface.pack_writer import write_random_pack
-from dynface.raylocal import RAY_HOME_ENV, connect_ray
 from dynface.restorer import Restorer
 from tasks.bucket import plan_batches
 from tasks.discover import check_locations, config_hash, discover_images, list_images, prepare_run
@@ -26,34 +25,6 @@ OPTIONS = {"respacing": "ddim5"}
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def prefect_api(request: pytest.FixtureRequest) -> str:
-    """One Prefect test server per pytest session, started by the first module that asks (costs
-    ~17-35 s here); every pipeline test module shares it through the config object."""
-    import prefect.settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    url = getattr(request.config, "_dynface_prefect_api_url", None)
-    if url is None:
-        stack = contextlib.ExitStack()
-        stack.enter_context(prefect_test_harness(server_startup_timeout=180))
-        request.session.addfinalizer(stack.close)
-        url = prefect.settings.PREFECT_API_URL.value()
-        request.config._dynface_prefect_api_url = url
-    return url
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory):
-    """A local Ray (2 CPUs) for this module, started with HOME at a bootstrap-config folder."""
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(RAY_HOME_ENV, str(tmp_path_factory.mktemp("ray-home")))
-        mp.delenv("RAY_ADDRESS", raising=False)
-        conn = connect_ray(num_cpus=2)
-        yield conn
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

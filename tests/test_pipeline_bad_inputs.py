@@ -3,7 +3,6 @@ reason, sources stay untouched, and a failed sample batch leaves its faces unres
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from pathlib import Path
 
@@ -12,10 +11,10 @@ import pandas as pd
 import pytest
 from make_bad_inputs import EXPECTED_REASONS, synthetic_face, write_bad_inputs
 from PIL import Image
+from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
 from catalogs import Catalog
 from dynface.pack_writer import write_random_pack
-from dynface.raylocal import RAY_HOME_ENV, connect_ray
 from tasks.bucket import BATCH_COLUMNS, bucket_wave
 from tasks.commit import commit_shard_rows
 from tasks.compose import compose_shard
@@ -27,35 +26,6 @@ from tasks.score import score_shard
 from tasks.work import read_rows, write_rows
 
 OPTIONS = {"respacing": "ddim5"}
-
-
-@pytest.fixture(scope="module")
-def prefect_api(request: pytest.FixtureRequest) -> str:
-    """One Prefect test server per pytest session, shared through the config object (see
-    tests/test_pipeline.py)."""
-    import prefect.settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    url = getattr(request.config, "_dynface_prefect_api_url", None)
-    if url is None:
-        stack = contextlib.ExitStack()
-        stack.enter_context(prefect_test_harness(server_startup_timeout=180))
-        request.session.addfinalizer(stack.close)
-        url = prefect.settings.PREFECT_API_URL.value()
-        request.config._dynface_prefect_api_url = url
-    return url
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory):
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(RAY_HOME_ENV, str(tmp_path_factory.mktemp("ray-home")))
-        mp.delenv("RAY_ADDRESS", raising=False)
-        conn = connect_ray(num_cpus=2)
-        yield conn
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ one ok row per image; nothing committed is processed twice."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import subprocess
@@ -15,43 +14,14 @@ import numpy as np
 import pytest
 from make_bad_inputs import synthetic_face
 from PIL import Image
+from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
 from catalogs import Catalog
 from dynface.cli import main
 from dynface.pack_writer import write_random_pack
 from dynface.paths import REPO_ROOT
-from dynface.raylocal import RAY_HOME_ENV, connect_ray
 
 N_IMAGES = 6
-
-
-@pytest.fixture(scope="module")
-def prefect_api(request: pytest.FixtureRequest) -> str:
-    """One Prefect test server per pytest session, shared through the config object (see
-    tests/test_pipeline.py)."""
-    import prefect.settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    url = getattr(request.config, "_dynface_prefect_api_url", None)
-    if url is None:
-        stack = contextlib.ExitStack()
-        stack.enter_context(prefect_test_harness(server_startup_timeout=180))
-        request.session.addfinalizer(stack.close)
-        url = prefect.settings.PREFECT_API_URL.value()
-        request.config._dynface_prefect_api_url = url
-    return url
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory):
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(RAY_HOME_ENV, str(tmp_path_factory.mktemp("ray-home")))
-        mp.delenv("RAY_ADDRESS", raising=False)
-        conn = connect_ray(num_cpus=2)
-        yield conn
-        ray.shutdown()
 
 
 def image_parts(catalog: Path) -> list[Path]:
