@@ -20,16 +20,38 @@ import torch
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process (since start, or since `reset_peak_rss`).
+
+    Linux: VmHWM of /proc/self/status, which belongs to the address space and so starts afresh at exec.
+    (`ru_maxrss` does not: a process started by a large parent inherits the parent's peak.)
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class PeakMemory:
     """Context manager: peak bytes used inside the block above the level at entry.
 
-    CUDA: exact allocator peak. CPU: growth of the process's peak RSS, meaningful only in a process
-    whose earlier peak was below the level at entry (use a fresh process per measurement).
+    CUDA: exact allocator peak. CPU: growth of the process's peak RSS (reset at entry where the kernel
+    allows). Memory the allocator already holds from earlier work is reused without growing the RSS,
+    so exact CPU figures need a fresh process per measurement (`measure_in_subprocess`).
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
@@ -42,6 +64,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            reset_peak_rss()
             self._base = psutil.Process().memory_info().rss
         return self
 

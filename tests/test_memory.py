@@ -24,4 +24,11 @@ def test_batch_size_rule() -> None:
 def test_peak_memory_in_a_fresh_process_sees_a_large_allocation() -> None:
     peak = measure_in_subprocess(_allocate, 400 * 2**20)
     # The block itself, plus at most the interpreter's own growth during the call.
-    assert 380 * 2**20 < peak < 800 * 2**20
+    assert 380 * 2**20 < peak < 600 * 2**20
+
+
+def test_peak_memory_in_process_after_a_larger_earlier_peak() -> None:
+    # An earlier, larger peak must not leak into a later measurement.
+    _allocate(600 * 2**20)
+    peak = _allocate(100 * 2**20)
+    assert peak < 400 * 2**20
