@@ -22,25 +22,9 @@ from prefect.cache_policies import NO_CACHE
 
 from catalogs import IMAGE_STATUSES, Catalog
 from dynface.dblm import REFERENCE_RESOLUTION
-from tasks.work import RunContext, read_rows
+from tasks.work import IMAGE_FIELDS, RunContext, read_rows
 
-IMAGE_KEYS = (
-    "image_id",
-    "source_uri",
-    "relative_path",
-    "bytes",
-    "width",
-    "height",
-    "orientation",
-    "mode",
-    "is_grayscale",
-    "n_faces",
-    "status",
-    "error",
-    "output_uri",
-    "compare_uri",
-    "seconds",
-)
+IMAGE_KEYS = (*IMAGE_FIELDS, "output_uri", "compare_uri", "seconds")
 FACE_KEYS = (
     "image_id",
     "face_index",

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from dynface.faces import AlignedFace, DetectedFace, FaceCrops, invert_affine, paste_faces
 from dynface.imageio import encode_image, read_image
 from tasks.work import (
+    IMAGE_FIELDS,
     RunContext,
     index_rows,
     normalize_uri,
@@ -33,24 +34,7 @@ from tasks.work import (
     write_rows,
 )
 
-COMPOSE_IMAGE_COLUMNS = (
-    "shard",
-    "image_id",
-    "source_uri",
-    "relative_path",
-    "bytes",
-    "width",
-    "height",
-    "orientation",
-    "mode",
-    "is_grayscale",
-    "n_faces",
-    "status",
-    "error",
-    "output_uri",
-    "compare_uri",
-    "seconds",
-)
+COMPOSE_IMAGE_COLUMNS = ("shard", *IMAGE_FIELDS, "output_uri", "compare_uri", "seconds")
 COMPOSE_FACE_COLUMNS = (
     "shard",
     "image_id",

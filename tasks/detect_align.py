@@ -16,24 +16,9 @@ from prefect.cache_policies import NO_CACHE
 
 from dynface.faces import DetectorConfig, FaceCrops, align_faces, aligned_input, detect_faces
 from dynface.imageio import ImageReadError, LoadedImage, read_image
-from tasks.work import RunContext, read_bytes, read_rows, short_error, write_png, write_rows
+from tasks.work import IMAGE_FIELDS, RunContext, read_bytes, read_rows, short_error, write_png, write_rows
 
-DETECT_IMAGE_COLUMNS = (
-    "shard",
-    "image_id",
-    "source_uri",
-    "relative_path",
-    "bytes",
-    "width",
-    "height",
-    "orientation",
-    "mode",
-    "is_grayscale",
-    "n_faces",
-    "status",
-    "error",
-    "seconds",
-)
+DETECT_IMAGE_COLUMNS = ("shard", *IMAGE_FIELDS, "seconds")
 DETECT_FACE_COLUMNS = (
     "shard",
     "image_id",

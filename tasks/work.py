@@ -30,6 +30,23 @@ PROGRESS_LOGGER = "dynface.progress"
 BUCKET_WIDTH = 50
 
 
+# The per-image fields every stage carries forward (stage files add their own columns).
+IMAGE_FIELDS = (
+    "image_id",
+    "source_uri",
+    "relative_path",
+    "bytes",
+    "width",
+    "height",
+    "orientation",
+    "mode",
+    "is_grayscale",
+    "n_faces",
+    "status",
+    "error",
+)
+
+
 def report_progress(stage: str, *, total_add: int = 0, advance: int = 0) -> None:
     """Emit a progress record (no-op unless someone listens on `PROGRESS_LOGGER`)."""
     logging.getLogger(PROGRESS_LOGGER).info(
