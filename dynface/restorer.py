@@ -128,6 +128,11 @@ def _to_uint8(x: Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
+def _valid_levels(stds: Tensor, valid: Tensor) -> tuple[float, ...]:
+    """The stds (L,) of the levels flagged valid (L,), as plain floats."""
+    return tuple(float(s) for s, v in zip(stds, valid) if v)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -226,20 +231,22 @@ class Restorer:
             return torch.full_like(std_hat, cfg.eta)
         return (to_reference_std(std_hat, self.resolution) / cfg.eta_divisor).clamp(0, 1)
 
+    def _input_batch(self, faces: Sequence[np.ndarray]) -> Tensor:
+        """Crops -> (B, 3, R, R) in [0, 1] at the pack's resolution, on the device."""
+        res = (self.resolution, self.resolution)
+        return torch.stack([_resize(_to_tensor(f).unsqueeze(0), res)[0] for f in faces]).to(self.device)
+
     def estimate(self, faces: Sequence[np.ndarray]) -> list[FaceEstimate]:
         """RM + SE + DSST only (no sampling): std*, start step, η and guidance levels per face."""
-        res = (self.resolution, self.resolution)
         out: list[FaceEstimate] = []
         bs = self.config.batch_size or self.auto_batch_size()
         for start in range(0, len(faces), bs):
             chunk = faces[start : start + bs]
-            y = torch.stack([_resize(_to_tensor(f).unsqueeze(0), res)[0] for f in chunk]).to(self.device)
-            dblm = self._dblm(y)
+            dblm = self._dblm(self._input_batch(chunk))
             no_sampling = self.config.method == "rm_only"
             t_start = dblm.targets.t_starts.max(dim=1).values
             eta = self._eta(dblm.std_hat)
             for i in range(len(chunk)):
-                valid = dblm.targets.valid[i]
                 std_hat = float(dblm.std_hat[i])
                 out.append(
                     FaceEstimate(
@@ -247,7 +254,7 @@ class Restorer:
                         std_hat_512=float(to_reference_std(std_hat, self.resolution)),
                         t_start=0 if no_sampling else int(t_start[i]),
                         eta=0.0 if no_sampling else float(eta[i]),
-                        levels=tuple(float(s) for s, v in zip(dblm.targets.stds[i], valid) if v),
+                        levels=_valid_levels(dblm.targets.stds[i], dblm.targets.valid[i]),
                     )
                 )
         return out
@@ -277,11 +284,9 @@ class Restorer:
     def _restore_batch(
         self, faces: list[np.ndarray], seeds: list[int], progress: Callable[[StepInfo], None] | None
     ) -> list[FaceResult]:
-        res = (self.resolution, self.resolution)
         t0 = time.perf_counter()
         sizes = [f.shape[:2] for f in faces]
-        y = torch.stack([_resize(_to_tensor(f).unsqueeze(0), res)[0] for f in faces]).to(self.device)
-        dblm = self._dblm(y)
+        dblm = self._dblm(self._input_batch(faces))
         t1 = time.perf_counter()
         cfg = self.config
         if cfg.method == "rm_only":
@@ -314,10 +319,8 @@ class Restorer:
         n = len(faces)
         for i, size in enumerate(sizes):
             valid = dblm.targets.valid[i]
-            levels = tuple(float(s) for s, v in zip(dblm.targets.stds[i], valid) if v)
-            std_final = (
-                tuple(float(s) for s, v in zip(out.stds_final[i], valid) if v) if out is not None else levels
-            )
+            levels = _valid_levels(dblm.targets.stds[i], valid)
+            std_final = _valid_levels(out.stds_final[i], valid) if out is not None else levels
             std_hat = float(dblm.std_hat[i])
             results.append(
                 FaceResult(
