@@ -59,8 +59,10 @@ def train_starter_flow(
     work_dir: str | None = None,
     seed: int = 0,
     threads: int = 1,
+    reuse_prior: str | None = None,
 ) -> dict[str, Any]:
-    """Every stage in order, then the pack (dynface.train.starter.train_starter)."""
+    """Every stage in order, then the pack (dynface.train.starter.train_starter); `reuse_prior`: a pack
+    folder whose prior is taken instead of training one."""
     import torch
 
     torch.set_num_threads(threads)
@@ -73,6 +75,7 @@ def train_starter_flow(
         work_dir=work_dir,
         seed=seed,
         progress=False,
+        reuse_prior=reuse_prior,
     )
     return {
         "manifest": report.manifest_uri,

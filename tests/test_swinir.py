@@ -165,3 +165,17 @@ def test_bf16_autocast_forward_backward() -> None:
     with torch.no_grad():
         ref = model(x)
     assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_image_residual_starts_as_identity_with_the_same_state_dict_layout() -> None:
+    from dynface.train.restorer_net import swinir_config
+
+    plain = build_swinir(swinir_config(64, embed_dim=16, depths=(1,))).eval()
+    resid = build_swinir(swinir_config(64, embed_dim=16, depths=(1,), image_residual=True)).eval()
+    assert list(plain.state_dict()) == list(resid.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(resid(x), x)  # conv_last starts at zero
+    # A trained tail adds to the input instead of to the RGB mean.
+    resid.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(resid(x) - x, plain(x) - plain.mean)

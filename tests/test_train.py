@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,19 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
     result = Restorer.from_pack(str(out), device="cpu").restore([face])[0]
     assert result.image.shape == (32, 32, 3) and result.image.dtype == np.uint8
     assert set(report.stages) == {"prior", "rm", "sde", "se", "dgsa"}
+    recorded = json.loads((out / "training.json").read_text())
+    assert recorded["prior"]["steps"] == report.stages["prior"]["steps"]
+
+    # A second run can take the first pack's prior (weights and recorded summary) instead of training one.
+    again = train_starter(
+        tmp_path / "pack2", resolution=32, quick=True, data_dir=data, work_dir=tmp_path / "work2",
+        progress=False, tune_faces=1, eval_faces=2, scales=(1.0,), reuse_prior=out,
+    )  # fmt: skip
+    assert again.stages["prior"]["reused_from"] == "pack"
+    assert again.stages["prior"]["steps"] == report.stages["prior"]["steps"]
+    second = load_pack(str(tmp_path / "pack2"))
+    for name, tensor in loaded.prior.state_dict().items():
+        torch.testing.assert_close(second.prior.state_dict()[name], tensor)
 
 
 @pytest.mark.slow

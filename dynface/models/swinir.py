@@ -9,6 +9,9 @@ Supported: `upsampler='nearest+conv'` with `unshuffle=True`, `unshuffle_scale ==
 (the input is pixel-unshuffled by sf, so the output has the input's size), `resi_connection='1conv'`,
 `ape=False`, `patch_size=1`. Other reference options raise NotImplementedError.
 
+`image_residual=True` (a DynFace extension, off for the released checkpoints) adds the input image to
+the output, as SwinIR does for its denoising/JPEG models, and starts training from the identity.
+
 Differences from the reference, both only where the reference cannot run or is undefined:
 * Inputs whose H, W are not multiples of `sf * window` are reflect-padded at the bottom/right up to
   the next multiple, run, and the output is cropped back (the reference fails in the window
@@ -60,6 +63,10 @@ class SwinIRConfig:
     resi_connection: str = "1conv"
     unshuffle: bool = False
     unshuffle_scale: int | None = None
+    # DynFace extension, not a DifFace key: output = input + tail (no mean add-back), with conv_last
+    # zero-initialised so an untrained net is the identity. For small restorers trained briefly
+    # (the starter pack), which otherwise start far below the identity. Released checkpoints: False.
+    image_residual: bool = False
 
     def __post_init__(self) -> None:
         # YAML gives lists and ints; normalise to the declared types so configs compare and hash.
@@ -382,6 +389,9 @@ class SwinIR(nn.Module):
         mean = torch.tensor(RGB_MEAN if cfg.in_chans == 3 else (0.0,), dtype=torch.float32)
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
         self.apply(_init_weights)
+        if cfg.image_residual:
+            nn.init.zeros_(self.conv_last.weight)
+            nn.init.zeros_(self.conv_last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) image in [0, 1] -> (B, C, H, W) restored image, not clamped."""
@@ -397,7 +407,8 @@ class SwinIR(nn.Module):
             conv = getattr(self, f"conv_up{i}")
             y = F.leaky_relu(conv(F.interpolate(y, scale_factor=2, mode="nearest")), 0.2)
         y = self.conv_last(F.leaky_relu(self.conv_hr(y), 0.2))
-        return (y / self.config.img_range + mean)[..., :h, :w]
+        base = x if self.config.image_residual else mean
+        return (y / self.config.img_range + base)[..., :h, :w]
 
     def forward_features(self, feat: Tensor) -> Tensor:
         """(B, embed_dim, h, w) map after conv_first -> same shape after the RSTBs and `norm`."""

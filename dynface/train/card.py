@@ -54,11 +54,13 @@ def _method_lines(facts: CardFacts) -> list[str]:
     pc, rc, se, d = facts.configs["prior"], facts.configs["rm"], facts.se, facts.dsst
     lo, hi = facts.std_range
     q = facts.label_quantiles
+    residual = ", input residual: output = input + net" if rc.get("image_residual") else ""
     return [
         f"- **prior**: DifFace-style UNet (width {pc['model_channels']}, mult {pc['channel_mult']},",
         f"  attention at {pc['attention_resolutions']}), DDPM T=1000 linear β, learned-range variance,",
         "  RESCALED_MSE loss, uniform t, AdamW with warm-up and cosine decay; the EMA (0.999) is shipped.",
-        f"- **RM**: SwinIR (embed {rc['embed_dim']}, depths {rc['depths']}), L1 loss. Training pairs",
+        f"- **RM**: SwinIR (embed {rc['embed_dim']}, depths {rc['depths']}{residual}), L1 loss.",
+        "  Training pairs",
         f"  (RM, SE, DGSA): a fixed pool of {facts.pool} with DifFace ranges (spec §6.1);",
         f"  LQ and GT then resized to {facts.resolution} px, the way the Restorer sees real 512-px crops.",
         f"- **SDE**: pre-trained on (k_std ⊛ x0, std), std ~ U[{lo:.4g}, {hi:.4g}] px, L1 loss.",
@@ -122,8 +124,10 @@ def render_card(facts: CardFacts) -> str:
         "|---|---:|---:|---|---|",
     ]
     for name, v in s.items():
-        finals = ", ".join(f"{k} {val:.4g}" for k, val in v["final"].items())
-        row = f"| {name} | {v['steps']} | {_fmt_minutes(v['elapsed_s'])} | {v['stopped_by']} | {finals} |"
+        finals = ", ".join(f"{k} {val:.4g}" for k, val in v.get("final", {}).items())
+        reused = f" (reused from the `{v['reused_from']}` pack)" if "reused_from" in v else ""
+        stopped = v["stopped_by"] + reused
+        row = f"| {name} | {v['steps']} | {_fmt_minutes(v['elapsed_s'])} | {stopped} | {finals} |"
         lines.append(row)
     lines += [
         "",

@@ -28,9 +28,14 @@ from dynface.train.data import PairPool, draw_pairs
 
 
 def swinir_config(
-    resolution: int, *, embed_dim: int = 48, depths: tuple[int, ...] = (3, 3)
+    resolution: int,
+    *,
+    embed_dim: int = 48,
+    depths: tuple[int, ...] = (3, 3),
+    image_residual: bool = False,
 ) -> dict[str, Any]:
-    """A small DifFace-style SwinIR (pixel-unshuffle 4 in, nearest+conv ×4 out) at `resolution`."""
+    """A small DifFace-style SwinIR (pixel-unshuffle 4 in, nearest+conv ×4 out) at `resolution`;
+    `image_residual` adds the input to the output (starts as the identity, see models/swinir.py)."""
     if resolution % 32:
         raise ValueError("the SwinIR restorer needs a resolution that is a multiple of 32")
     heads = 4 if embed_dim % 4 == 0 else 2
@@ -49,6 +54,7 @@ def swinir_config(
         "resi_connection": "1conv",
         "unshuffle": True,
         "unshuffle_scale": 4,
+        "image_residual": image_residual,
     }
 
 

@@ -40,6 +40,7 @@ from dynface.train.sde import train_sde
 from dynface.train.se import SEResult, train_se
 
 DEFAULT_SCALES = (1.0, 3.0, 10.0, 30.0)
+TRAINING_FILE = "training.json"  # per-stage summaries next to the pack (read back by reuse_prior)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,28 @@ def _stage_summary(result: LoopResult) -> dict[str, Any]:
         "stopped_by": result.stopped_by,
         "final": {k: round(result.final(k), 6) for k in sorted(result.history)},
     }
+
+
+def reused_prior(pack_dir: Path, plan: StarterPlan) -> tuple[LoopResult, dict[str, Any]]:
+    """The prior of an existing pack (its config must match the plan's) and its recorded summary."""
+    from dynface.packs import load_pack
+
+    loaded = load_pack(str(pack_dir / "manifest.json"))
+    if loaded.manifest.components["prior"].config != plan.prior.unet:
+        raise ValueError(f"{pack_dir}: its prior config differs from the plan's; cannot reuse it")
+    record = pack_dir / TRAINING_FILE
+    summary = json.loads(record.read_text())["prior"] if record.is_file() else {}
+    summary = {**summary, "reused_from": pack_dir.name}
+    model = loaded.prior
+    result = LoopResult(
+        model=model,
+        raw=model,
+        step=int(summary.get("steps", 0)),
+        elapsed_s=float(summary.get("elapsed_s", 0.0)),
+        history={},
+        stopped_by=str(summary.get("stopped_by", "reused")),
+    )
+    return result, summary
 
 
 def build_starter_dsst(images: np.ndarray, plan: StarterPlan, *, source: str) -> DSSTTable:
@@ -128,6 +151,7 @@ def train_starter(
     scales: tuple[float, ...] = DEFAULT_SCALES,
     exclude_sources: tuple[str, ...] | None = None,
     notes: tuple[str, ...] = (),
+    reuse_prior: str | Path | None = None,
 ) -> StarterReport:
     """Train every component and write the pack to `out_dir`.
 
@@ -136,7 +160,9 @@ def train_starter(
     (default: a folder in the system temp dir named after the pack; never inside the repository).
     Held-out faces (sha256 prefix rule, dynface.train.data) are listed in `<out_dir>/holdout.txt`,
     ζ is tuned on `tune_faces` of them and PSNR reported on the first `eval_faces`. `notes` are added to
-    the model card verbatim (e.g. how a run deviated from the plan).
+    the model card verbatim (e.g. how a run deviated from the plan). `reuse_prior`: a pack folder whose
+    prior (and its recorded training summary, `training.json`) is taken instead of training one — the
+    prior is most of the cost, and the other stages depend on it only through DGSA.
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -154,7 +180,11 @@ def train_starter(
         raise ValueError("every face is held out: nothing to train on")
     images = load_faces(data, train_files, resolution)
 
-    prior = train_prior(images, work / "prior", plan.prior)
+    if reuse_prior is not None:
+        prior, prior_summary = reused_prior(Path(reuse_prior), plan)
+    else:
+        prior = train_prior(images, work / "prior", plan.prior)
+        prior_summary = _stage_summary(prior)
     pool = build_pair_pool(
         load_faces(data, train_files, plan.degrade_resolution),
         resolution,
@@ -220,13 +250,18 @@ def train_starter(
         restorer = Restorer.from_pack(str(out), device="cpu")
         evaluation = evaluate_restorer(restorer, lq[:n_eval], gt[:n_eval])
     stages = {
-        "prior": _stage_summary(prior),
+        "prior": prior_summary,
         "rm": _stage_summary(rm),
         "sde": _stage_summary(sde),
         "se": _stage_summary(se.loop),
         "dgsa": _stage_summary(dgsa),
     }
     _copy_curves(work, out / "curves")
+    if reuse_prior is not None:
+        old_curve = Path(reuse_prior) / "curves" / "prior_loss.png"
+        if old_curve.is_file() and old_curve.resolve() != (out / "curves" / "prior_loss.png").resolve():
+            shutil.copyfile(old_curve, out / "curves" / "prior_loss.png")
+    (out / TRAINING_FILE).write_text(json.dumps(stages, indent=1) + "\n")
     facts = CardFacts(
         resolution=resolution,
         std_range=plan.std_range,
@@ -337,6 +372,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--check", action="store_true", help="only check an existing pack (no training)")
     parser.add_argument("--note", action="append", default=[], help="a line for the model card (repeatable)")
+    parser.add_argument("--reuse-prior", default=None, help="take the prior from this pack folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.check:
@@ -352,6 +388,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         notes=tuple(args.note),
+        reuse_prior=args.reuse_prior,
     )
     print(json.dumps(_report_json(report), indent=1))
     return 0
