@@ -55,7 +55,7 @@ RUNS_SCHEMA = pa.schema(
         _f("pack_sha256", pa.string(), "JSON object component -> sha256", format="json"),
         _f("config_json", pa.string(), "full restoration config as JSON", format="json"),
         _config_hash(),
-        _f("code_version", pa.string(), "package version or git revision"),
+        _f("code_version", pa.string(), "package version + hash of the dynface and tasks sources"),
         _f("status", pa.string(), "run status, e.g. running/completed/failed", nullable=False),
         _f("n_images", pa.int64(), "images seen"),
         _f("n_ok", pa.int64(), "images restored"),

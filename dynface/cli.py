@@ -66,7 +66,7 @@ def add_restore_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", choices=("dps", "closed_form"), default=None, help="default: the pack's")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--shard-size", type=int, default=64, help="images per shard (default: 64)")
-    p.add_argument("--wave-shards", type=int, default=4, help="shards sampled together (default: 4)")
+    p.add_argument("--wave-shards", type=int, default=2, help="shards sampled together (default: 2)")
     p.add_argument("--num-actors", type=int, default=None, help="Ray sampling actors (default: auto)")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--compare", action="store_true", help="also write input|output side-by-sides")

@@ -55,6 +55,50 @@ def blurred_targets(restored: Tensor, stds: Tensor) -> Tensor:
     )
 
 
+@dataclass(frozen=True)
+class LevelPlan:
+    """What SE + DSST decide before any sampling: std* and the guidance levels with their starts."""
+
+    std_hat: Tensor  # (B,) pixels at the pack's resolution
+    stds: Tensor  # (B, L) level stds
+    valid: Tensor  # (B, L) bool
+    t_starts: Tensor  # (B, L) int64
+
+
+@torch.no_grad()
+def plan_levels(
+    y: Tensor,
+    se: nn.Module | None,
+    dsst: DSSTTable | None,
+    *,
+    resolution: int,
+    std_range: tuple[float, float],
+    offsets: Sequence[float] = (0.0, 1.0, 2.0),
+    fixed_std: float | None = None,
+    fixed_t_start: int | None = None,
+    std_hat: Tensor | None = None,
+) -> LevelPlan:
+    """std* (SE on y, or `std_hat` when already known, or `fixed_std` without SE) -> levels and starts.
+
+    RM is not run here: the pipeline's estimate stage needs only these numbers to bucket faces."""
+    if std_hat is not None:
+        std_hat = std_hat.to(device=y.device, dtype=y.dtype)
+    elif se is not None:
+        std_hat = se(y).to(y.dtype)
+    elif fixed_std is not None:
+        std_hat = torch.full((y.shape[0],), float(fixed_std), dtype=y.dtype, device=y.device)
+    else:
+        raise ValueError("DBLM needs an SE network or a fixed_std")
+    stds, valid = guidance_stds(std_hat, offsets=offsets, resolution=resolution, std_range=std_range)
+    if fixed_t_start is not None:
+        t_starts = torch.full_like(stds, int(fixed_t_start), dtype=torch.long)
+    elif dsst is not None:
+        t_starts = torch.as_tensor(dsst.lookup(stds.cpu().numpy()), dtype=torch.long, device=y.device)
+    else:
+        raise ValueError("DBLM needs a DSST table or a fixed_t_start")
+    return LevelPlan(std_hat=std_hat, stds=stds, valid=valid, t_starts=t_starts)
+
+
 @torch.no_grad()
 def run_dblm(
     y: Tensor,
@@ -68,29 +112,34 @@ def run_dblm(
     weights: Sequence[float] | None = None,
     fixed_std: float | None = None,
     fixed_t_start: int | None = None,
+    std_hat: Tensor | None = None,
 ) -> DBLMOutput:
     """y (B, 3, H, W) in [0, 1] at the pack's resolution.
 
     Without an SE network `fixed_std` (pixels at the pack's resolution) stands in for std*; without a
-    DSST table `fixed_t_start` gives every level the same start.
+    DSST table `fixed_t_start` gives every level the same start. `std_hat` (B,): std* computed earlier
+    on the same y (the pipeline's estimate stage), so SE is not run again.
     """
+    plan = plan_levels(
+        y,
+        se,
+        dsst,
+        resolution=resolution,
+        std_range=std_range,
+        offsets=offsets,
+        fixed_std=fixed_std,
+        fixed_t_start=fixed_t_start,
+        std_hat=std_hat,
+    )
     restored = rm(y).clamp(0, 1)
-    if se is not None:
-        std_hat = se(y).to(y.dtype)
-    elif fixed_std is not None:
-        std_hat = torch.full((y.shape[0],), float(fixed_std), dtype=y.dtype, device=y.device)
-    else:
-        raise ValueError("DBLM needs an SE network or a fixed_std")
-    stds, valid = guidance_stds(std_hat, offsets=offsets, resolution=resolution, std_range=std_range)
-    if fixed_t_start is not None:
-        t_starts = torch.full_like(stds, int(fixed_t_start), dtype=torch.long)
-    elif dsst is not None:
-        t_starts = torch.as_tensor(dsst.lookup(stds.cpu().numpy()), dtype=torch.long, device=y.device)
-    else:
-        raise ValueError("DBLM needs a DSST table or a fixed_t_start")
+    stds = plan.stds
     w = torch.ones_like(stds) if weights is None else torch.as_tensor(list(weights), dtype=y.dtype)
     w = w.to(y.device).expand_as(stds).clone()
     targets = GuidanceTargets(
-        targets=blurred_targets(restored, stds), stds=stds, t_starts=t_starts, valid=valid, weights=w
+        targets=blurred_targets(restored, stds),
+        stds=stds,
+        t_starts=plan.t_starts,
+        valid=plan.valid,
+        weights=w,
     )
-    return DBLMOutput(restored=restored, std_hat=std_hat, targets=targets)
+    return DBLMOutput(restored=restored, std_hat=plan.std_hat, targets=targets)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynface.dblm import DBLMOutput, run_dblm, to_reference_std
+from dynface.dblm import DBLMOutput, plan_levels, run_dblm, to_reference_std
 from dynface.diffusion import Diffusion
 from dynface.memory import PeakMemory, available_bytes, batch_size_for_budget
 from dynface.packs import LoadedPack, load_pack
@@ -194,23 +194,26 @@ class Restorer:
         return self._auto_batch
 
     # -- stages ---------------------------------------------------------------------------------
-    def _dblm(self, y: Tensor) -> DBLMOutput:
+    def _dblm_args(self) -> dict[str, Any]:
         cfg = self.config
         method = cfg.method
         single = method in ("dblm_dsst_dgsa", "dblm_dsst", "dblm")
         fixed_t = {"difface": cfg.difface_t_start, "dblm": cfg.dblm_t_start}.get(method)
-        return run_dblm(
-            y,
-            self.pack.rm,
-            self.pack.se,
-            None if fixed_t is not None else self.pack.dsst,
-            resolution=self.resolution,
-            std_range=self.std_range,
-            offsets=cfg.offsets[:1] if single else cfg.offsets,
-            weights=None if single or cfg.level_weights is None else cfg.level_weights,
-            fixed_std=cfg.fixed_std * self.resolution / 512,
-            fixed_t_start=fixed_t,
-        )
+        return {
+            "se": self.pack.se,
+            "dsst": None if fixed_t is not None else self.pack.dsst,
+            "resolution": self.resolution,
+            "std_range": self.std_range,
+            "offsets": cfg.offsets[:1] if single else cfg.offsets,
+            "fixed_std": cfg.fixed_std * self.resolution / 512,
+            "fixed_t_start": fixed_t,
+        }
+
+    def _dblm(self, y: Tensor, std_hat: Tensor | None = None) -> DBLMOutput:
+        cfg = self.config
+        single = cfg.method in ("dblm_dsst_dgsa", "dblm_dsst", "dblm")
+        weights = None if single or cfg.level_weights is None else cfg.level_weights
+        return run_dblm(y, self.pack.rm, weights=weights, std_hat=std_hat, **self._dblm_args())
 
     def _sampler_config(self) -> SamplerConfig:
         cfg, method = self.config, self.config.method
@@ -237,24 +240,24 @@ class Restorer:
         return torch.stack([_resize(_to_tensor(f).unsqueeze(0), res)[0] for f in faces]).to(self.device)
 
     def estimate(self, faces: Sequence[np.ndarray]) -> list[FaceEstimate]:
-        """RM + SE + DSST only (no sampling): std*, start step, η and guidance levels per face."""
+        """SE + DSST only (no RM, no sampling): std*, start step, η and guidance levels per face."""
         out: list[FaceEstimate] = []
         bs = self.config.batch_size or self.auto_batch_size()
         for start in range(0, len(faces), bs):
             chunk = faces[start : start + bs]
-            dblm = self._dblm(self._input_batch(chunk))
+            plan = plan_levels(self._input_batch(chunk), **self._dblm_args())
             no_sampling = self.config.method == "rm_only"
-            t_start = dblm.targets.t_starts.max(dim=1).values
-            eta = self._eta(dblm.std_hat)
+            t_start = plan.t_starts.max(dim=1).values
+            eta = self._eta(plan.std_hat)
             for i in range(len(chunk)):
-                std_hat = float(dblm.std_hat[i])
+                std_hat = float(plan.std_hat[i])
                 out.append(
                     FaceEstimate(
                         std_hat=std_hat,
                         std_hat_512=float(to_reference_std(std_hat, self.resolution)),
                         t_start=0 if no_sampling else int(t_start[i]),
                         eta=0.0 if no_sampling else float(eta[i]),
-                        levels=_valid_levels(dblm.targets.stds[i], dblm.targets.valid[i]),
+                        levels=_valid_levels(plan.stds[i], plan.valid[i]),
                     )
                 )
         return out
@@ -265,28 +268,39 @@ class Restorer:
         faces: Sequence[np.ndarray],
         *,
         seeds: Sequence[int] | None = None,
+        std_hats: Sequence[float] | None = None,
         progress: Callable[[StepInfo], None] | None = None,
     ) -> list[FaceResult]:
-        """Restore aligned face crops ((H, W, 3) uint8 or float in [0, 1]); results in input order."""
+        """Restore aligned face crops ((H, W, 3) uint8 or float in [0, 1]); results in input order.
+
+        std_hats: std* per face from an earlier `estimate` on the same crops (skips SE here)."""
         if seeds is not None and len(seeds) != len(faces):
             raise ValueError("one seed per face")
+        if std_hats is not None and len(std_hats) != len(faces):
+            raise ValueError("one std_hat per face")
         seeds = [face_seed(f, self.config.seed) for f in faces] if seeds is None else list(seeds)
         results: list[FaceResult | None] = [None] * len(faces)
         bs = self.config.batch_size or self.auto_batch_size()
         for start in range(0, len(faces), bs):
             chunk = list(range(start, min(start + bs, len(faces))))
-            for i, res in zip(
-                chunk, self._restore_batch([faces[i] for i in chunk], [seeds[i] for i in chunk], progress)
-            ):
+            known = None if std_hats is None else [float(std_hats[i]) for i in chunk]
+            batch = self._restore_batch([faces[i] for i in chunk], [seeds[i] for i in chunk], known, progress)
+            for i, res in zip(chunk, batch):
                 results[i] = res
         return [r for r in results if r is not None]
 
     def _restore_batch(
-        self, faces: list[np.ndarray], seeds: list[int], progress: Callable[[StepInfo], None] | None
+        self,
+        faces: list[np.ndarray],
+        seeds: list[int],
+        std_hats: list[float] | None,
+        progress: Callable[[StepInfo], None] | None,
     ) -> list[FaceResult]:
         t0 = time.perf_counter()
         sizes = [f.shape[:2] for f in faces]
-        dblm = self._dblm(self._input_batch(faces))
+        y = self._input_batch(faces)
+        known = None if std_hats is None else torch.tensor(std_hats, dtype=torch.float32)
+        dblm = self._dblm(y, known)
         t1 = time.perf_counter()
         cfg = self.config
         if cfg.method == "rm_only":

@@ -3,14 +3,17 @@
 Plain Python composing the stage tasks of `tasks/`; only URIs and ids pass between them. Shards
 (`shard_size` images) are processed in waves of `wave_shards` shards: detect/align and std
 estimation per shard, bucketing over the wave, sampling on Ray actors, then compose, score and
-commit per shard. A wave's shards are committed before the next wave starts, so a crash loses
-at most the wave in flight and a re-run (same config) picks up where the catalog ends.
+commit per shard. Sampling is submitted (a Prefect future whose thread waits on Ray) so that the
+driver's CPU stages overlap it: while wave w samples, wave w-1 is composed, scored and committed
+and wave w+1 is detected and estimated. A crash loses at most the two waves in flight; a re-run
+(same config) picks up where the catalog ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -28,14 +31,19 @@ from tasks.discover import discover, prepare_run
 from tasks.estimate import estimate_std
 from tasks.sample import release_actors, sample
 from tasks.score import score
-from tasks.work import chunks, remove_tree
+from tasks.work import RunContext, chunks, remove_tree
 
 
 class StageClock:
-    """Accumulated wall seconds per stage name."""
+    """Accumulated wall seconds per stage name (stages may overlap: sampling runs beside the others)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -43,11 +51,40 @@ class StageClock:
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.add(name, time.perf_counter() - t0)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         with self.stage(name):
             return fn(*args)
+
+
+InFlight = tuple[list[int], Any, float]  # a wave being sampled: its shards, future, submission time
+
+
+def _submit_sample(
+    ctx: RunContext, wave: int, shards: list[int], batch_uris: list[str], num_actors: int | None
+) -> InFlight:
+    """Start a wave's sampling in the flow's task runner (the thread waits on the Ray actors)."""
+    return shards, sample.submit(ctx, wave, batch_uris, num_actors), time.perf_counter()
+
+
+def _wait(in_flight: InFlight | None, clock: StageClock) -> tuple[list[int], str] | None:
+    """The shards and sample rows URI of the wave in flight, once it has sampled (None: no wave).
+    Clock: `sample_wait` is the driver idle here; `sample` runs from submission to collection."""
+    if in_flight is None:
+        return None
+    shards, future, submitted = in_flight
+    with clock.stage("sample_wait"):
+        uri = future.result()
+    clock.add("sample", time.perf_counter() - submitted)
+    return shards, uri
+
+
+def _finish(clock: StageClock, ctx: RunContext, shards: list[int], samples_uri: str) -> None:
+    for shard in shards:
+        clock.run("compose", compose, ctx, shard, samples_uri)
+        clock.run("score", score, ctx, shard)
+        clock.run("commit", commit, ctx, shard)
 
 
 @flow(name="restore-archive")
@@ -65,7 +102,7 @@ def restore_archive(
     options: dict[str, Any] | None = None,
     ray_address: str | None = None,
     num_actors: int | None = None,
-    wave_shards: int = 4,
+    wave_shards: int = 2,
     keep_work: bool = False,
 ) -> RunSummary:
     """Restore the faces of every image under `source` into `dest`, recording them in the catalog.
@@ -108,6 +145,7 @@ def restore_archive(
         if found.shards:
             with clock.stage("ray_connect"):
                 ray_conn = connect_ray(ray_address)
+            in_flight: InFlight | None = None
             try:
                 for wave, shards in enumerate(chunks(list(range(len(found.shards))), wave_shards)):
                     for shard in shards:
@@ -115,12 +153,18 @@ def restore_archive(
                     for shard in shards:
                         clock.run("estimate_std", estimate_std, ctx, shard)
                     batch_uris = clock.run("bucket", bucket, ctx, wave, shards)
-                    samples_uri = clock.run("sample", sample, ctx, wave, batch_uris, num_actors)
-                    for shard in shards:
-                        clock.run("compose", compose, ctx, shard, samples_uri)
-                        clock.run("score", score, ctx, shard)
-                        clock.run("commit", commit, ctx, shard)
+                    done = _wait(in_flight, clock)
+                    in_flight = _submit_sample(ctx, wave, shards, batch_uris, num_actors)
+                    if done is not None:
+                        _finish(clock, ctx, *done)
+                done = _wait(in_flight, clock)
+                in_flight = None
+                if done is not None:
+                    _finish(clock, ctx, *done)
             finally:
+                if in_flight is not None:  # an error elsewhere: let the sampling thread end first
+                    with contextlib.suppress(Exception):
+                        in_flight[1].wait()
                 release_actors(ctx.run_id)
                 ray_conn.shutdown()
         summary = finalize(ctx, started_at, time.perf_counter() - t0, dict(clock.seconds), found.n_committed)

@@ -1,13 +1,14 @@
-"""Stage 4, bucket: group a wave's faces (across shards) into sample batches by t_start bucket.
+"""Stage 4, bucket: order a wave's faces (across shards) by start step and cut them into sample batches.
 
-Faces in one batch share a bucket (t_start // BUCKET_WIDTH), so the batch's samples run about the
-same number of steps. Within a bucket, faces are ordered by t_start (longest first) and cut into
-batches of at most `batch_size`.
+Faces are sorted by t_start (longest first) and cut into full batches of `batch_size`, so a batch
+holds neighbouring start steps (usually one DSST bucket, t_start // BUCKET_WIDTH) and only the last
+batch of a wave is partial. The sampler runs only a batch's active rows at each step, so mixing
+starts costs nothing but a smaller effective batch for a few steps, whereas one batch list per bucket
+left a partial batch in every bucket.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 from prefect import task
@@ -15,25 +16,27 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.work import RunContext, chunks, join_uri, read_rows, write_rows
 
-BATCH_COLUMNS = ("batch", "shard", "image_id", "face_index", "crop_uri", "restored_uri", "bucket", "t_start")
+BATCH_COLUMNS = (
+    "batch",
+    "shard",
+    "image_id",
+    "face_index",
+    "crop_uri",
+    "restored_uri",
+    "bucket",
+    "t_start",
+    "std_hat",
+)
 
 
 def plan_batches(faces: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
-    """Faces (dicts with bucket, t_start, image_id, face_index) -> batches, highest bucket first.
+    """Faces (dicts with t_start, image_id, face_index) -> batches of `batch_size`, longest start first.
 
     Deterministic: ties are broken by (image_id, face_index)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    by_bucket: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for face in faces:
-        by_bucket[int(face["bucket"])].append(face)
-    batches = []
-    for bucket in sorted(by_bucket, reverse=True):
-        members = sorted(
-            by_bucket[bucket], key=lambda f: (-int(f["t_start"]), f["image_id"], f["face_index"])
-        )
-        batches.extend(chunks(members, batch_size))
-    return batches
+    ordered = sorted(faces, key=lambda f: (-int(f["t_start"]), f["image_id"], f["face_index"]))
+    return chunks(ordered, batch_size)
 
 
 def bucket_wave(ctx: RunContext, wave: int, shards: list[int]) -> list[str]:
@@ -51,6 +54,7 @@ def bucket_wave(ctx: RunContext, wave: int, shards: list[int]) -> list[str]:
                 "restored_uri": ctx.work.restored(face["image_id"], face["face_index"]),
                 "bucket": face["bucket"],
                 "t_start": face["t_start"],
+                "std_hat": face["std_hat"],  # the sampler reuses it instead of running SE again
             }
             for face in batch
         ]

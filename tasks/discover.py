@@ -3,16 +3,19 @@
 Also `prepare_run`, which resolves the pack and the restoration config into a `RunContext` and
 its `config_hash`: the resume key. Two runs share a config hash exactly when they would produce
 the same outputs for the same bytes (same pack files, same restoration and alignment settings,
-same code version); how they are executed (batch size, device, Ray layout) is left out.
+side-by-sides or not, same code: package version plus a hash of the `dynface` and `tasks` sources);
+how they are executed (batch size, device, Ray layout) is left out.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -47,6 +50,7 @@ def config_hash(
     aligned: bool,
     detector: dict[str, Any] | None,
     code_version: str,
+    compare: bool = False,
 ) -> str:
     """sha256 hex of the canonical JSON of everything that decides a run's outputs."""
     payload = {
@@ -54,11 +58,27 @@ def config_hash(
         "resolution": resolution,
         "restore": {k: v for k, v in sorted(config.items()) if k not in EXECUTION_ONLY_KEYS},
         "aligned": aligned,
+        "compare": compare,
         "detector": None if aligned else detector,
         "code_version": code_version,
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """`<package version>+<12 hex>`: the hash covers every .py file of the `dynface` and `tasks`
+    packages (paths and bytes), so an edited sampler or stage gives a new resume key."""
+    import tasks
+
+    digest = hashlib.sha256()
+    for package in (dynface, tasks):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return f"{dynface.__version__}+{digest.hexdigest()[:12]}"
 
 
 def restore_overrides(*, method: str, guidance: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -107,7 +127,7 @@ def prepare_run(
     config = RestoreConfig().merged(dict(manifest.sampler)).merged(overrides)
     detector = asdict(DetectorConfig())
     values = config.to_dict()
-    code_version = dynface.__version__
+    version = code_version()
     return RunContext(
         run_id=run_id or new_run_id(),
         source=source,
@@ -128,9 +148,10 @@ def prepare_run(
             config=values,
             aligned=aligned,
             detector=detector,
-            code_version=code_version,
+            code_version=version,
+            compare=compare,
         ),
-        code_version=code_version,
+        code_version=version,
         batch_size=config.batch_size,
         detector=detector,
     )

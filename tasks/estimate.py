@@ -1,8 +1,7 @@
-"""Stage 3, estimate_std: RM + SE + DSST on a shard's crops: std*, t_start and η per face.
+"""Stage 3, estimate_std: SE + DSST on a shard's crops: std*, t_start and η per face.
 
-These numbers decide the bucket a face is sampled in (stage 4). The sampler recomputes them from
-the same pixels (deterministically), so the catalog records the sampler's values and this stage's
-bucket.
+These numbers decide the bucket a face is sampled in (stage 4), and the sampler reuses std* from
+here (it runs RM and the diffusion, not SE again), so the bucket and the catalog agree exactly.
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ def restorer_for(ctx: RunContext) -> Restorer:
 
 
 def estimate_faces(restorer: Restorer, crops: list[np.ndarray]) -> list[FaceEstimate]:
-    """DBLM (RM + SE + DSST lookup) on aligned (S, S, 3) uint8 crops at the pack's resolution."""
+    """SE + DSST lookup on aligned (S, S, 3) uint8 crops at the pack's resolution."""
     res = restorer.resolution
     for crop in crops:
         if crop.shape != (res, res, 3):

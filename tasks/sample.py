@@ -101,7 +101,9 @@ class BatchRestorer:
         faces = read_rows(batch_uri)
         crops = [read_png(face["crop_uri"]) for face in faces]
         t0 = time.perf_counter()
-        results = self.restorer.restore(crops)
+        known = [face.get("std_hat") for face in faces]
+        std_hats = None if any(s is None for s in known) else [float(s) for s in known]
+        results = self.restorer.restore(crops, std_hats=std_hats)
         seconds = (time.perf_counter() - t0) / max(1, len(faces))
         rows = []
         for face, res in zip(faces, results, strict=True):

@@ -12,12 +12,20 @@ from make_bad_inputs import synthetic_face
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
+import dynface
 from catalogs import Catalog
 from dynface.faces import aligned_input
 from dynface.pack_writer import write_random_pack
 from dynface.restorer import Restorer
 from tasks.bucket import plan_batches
-from tasks.discover import check_locations, config_hash, discover_images, list_images, prepare_run
+from tasks.discover import (
+    check_locations,
+    code_version,
+    config_hash,
+    discover_images,
+    list_images,
+    prepare_run,
+)
 from tasks.sample import plan_actors
 from tasks.work import output_name, read_rows
 
@@ -69,11 +77,12 @@ def write_aligned_source(root: Path) -> Path:
 
 
 # -- pure helpers (no Prefect, no Ray) ---------------------------------------------------------------
-def test_plan_batches_groups_by_t_start_bucket():
-    ts = {"a": 864, "b": 860, "c": 700, "d": 710, "e": 120}
+def test_plan_batches_fills_batches_in_t_start_order():
+    ts = {"a": 864, "b": 860, "c": 700, "d": 710, "e": 120, "f": 710}
     faces = [{"image_id": i, "face_index": 0, "t_start": t, "bucket": t // 50} for i, t in ts.items()]
     batches = plan_batches(faces, batch_size=2)
-    assert [[f["image_id"] for f in b] for b in batches] == [["a", "b"], ["d", "c"], ["e"]]
+    assert [[f["image_id"] for f in b] for b in batches] == [["a", "b"], ["d", "f"], ["c", "e"]]
+    assert plan_batches(faces[::-1], batch_size=2) == batches  # input order does not matter
     with pytest.raises(ValueError):
         plan_batches(faces, batch_size=0)
 
@@ -105,8 +114,15 @@ def test_config_hash_tracks_outputs_not_execution():
     assert config_hash(**{**base, "config": {**base["config"], "respacing": "ddim10"}}) != h
     assert config_hash(**{**base, "pack_sha256": {"prior": "ab", "rm": "ce"}}) != h
     assert config_hash(**{**base, "detector": {"min_face_size": 30}}) != h
+    assert config_hash(**{**base, "compare": True}) != h  # side-by-sides are outputs too
+    assert config_hash(**{**base, "code_version": "0.1.0+abc"}) != h
     aligned = {**base, "aligned": True}
     assert config_hash(**aligned) == config_hash(**{**aligned, "detector": {"min_face_size": 30}})
+
+
+def test_code_version_is_package_version_plus_source_hash():
+    version, digest = code_version().split("+")
+    assert version == dynface.__version__ and len(digest) == 12 and int(digest, 16) >= 0
 
 
 def test_locations_and_output_names(tmp_path: Path):
@@ -247,7 +263,7 @@ def test_rerun_processes_nothing_new(aligned_run, pack):
     n_images, n_faces = len(cat.read("images")), len(cat.read("faces"))
     again = restore_archive(
         source=str(src), dest=str(out), pack=pack, aligned=True, shard_size=2, options=OPTIONS,
-        guidance="closed_form",
+        guidance="closed_form", compare=True,
     )  # fmt: skip
     assert again.n_committed_before == 5 and again.n_images == 0 and again.n_faces == 0
     assert (len(cat.read("images")), len(cat.read("faces"))) == (n_images, n_faces)

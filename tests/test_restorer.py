@@ -106,3 +106,31 @@ def test_automatic_batch_size_on_cpu_is_fixed(restorer: Restorer, faces: list[np
     assert len(auto.restore(faces)) == 3
     with pytest.raises(ValueError):
         RestoreConfig(batch_size=-1)
+
+
+def test_known_std_from_estimate_gives_the_same_restoration(
+    restorer: Restorer, faces: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = restorer.with_config(mode="closed_form")
+    calls = {"rm": 0, "se": 0}
+    for name in calls:
+        net = getattr(r.pack, name)
+        monkeypatch.setattr(net, "forward", _counting(net.forward, calls, name))
+    estimates = r.estimate(faces)
+    assert calls == {"rm": 0, "se": 2}  # two batches (batch_size 2); std* only: RM is not run
+    known = r.restore(faces, std_hats=[e.std_hat for e in estimates])
+    assert calls == {"rm": 2, "se": 2}  # restore with known std* skips SE
+    fresh = r.restore(faces)
+    for k, f, e in zip(known, fresh, estimates):
+        assert k.std_hat == f.std_hat == e.std_hat and k.t_start == f.t_start == e.t_start
+        np.testing.assert_array_equal(k.image, f.image)
+    with pytest.raises(ValueError, match="one std_hat per face"):
+        r.restore(faces, std_hats=[1.0])
+
+
+def _counting(fn, calls: dict[str, int], name: str):
+    def wrapped(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapped
