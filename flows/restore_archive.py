@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -35,15 +34,14 @@ from tasks.work import RunContext, chunks, remove_tree
 
 
 class StageClock:
-    """Accumulated wall seconds per stage name (stages may overlap: sampling runs beside the others)."""
+    """Accumulated wall seconds per stage name, kept by the flow's thread (sampling's seconds overlap
+    the other stages': they run from submission to collection, see `_wait`)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def add(self, name: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
