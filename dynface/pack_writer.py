@@ -20,7 +20,7 @@ from dynface.diffusion import linear_betas
 from dynface.dsst import DSSTTable, build_dsst_table, radial_frequency
 from dynface.models.dgsa import build_dgsa
 from dynface.models.se import build_sde
-from dynface.models.swinir import build_swinir
+from dynface.models.swinir import build_swinir, small_params
 from dynface.models.unet import build_unet
 
 
@@ -76,22 +76,7 @@ def tiny_configs(resolution: int) -> dict[str, dict[str, Any]]:
     """Small configs of every network for a pack at `resolution` (32 or 64 px)."""
     if resolution % 32:
         raise ValueError("tiny packs need a resolution that is a multiple of 32")
-    swinir = {
-        "img_size": resolution // 4,
-        "patch_size": 1,
-        "in_chans": 3,
-        "embed_dim": 24,
-        "depths": [2],
-        "num_heads": [2],
-        "window_size": 8,
-        "mlp_ratio": 2,
-        "sf": 4,
-        "img_range": 1.0,
-        "upsampler": "nearest+conv",
-        "resi_connection": "1conv",
-        "unshuffle": True,
-        "unshuffle_scale": 4,
-    }
+    swinir = small_params(resolution, embed_dim=24, depths=(2,), num_heads=2)
     lo, hi = 1.0 * resolution / 512, 15.0 * resolution / 512
     return {
         "prior": {

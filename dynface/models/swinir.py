@@ -126,6 +126,32 @@ FACE512 = SwinIRConfig(
 )  # fmt: skip
 
 
+def small_params(
+    resolution: int, *, embed_dim: int, depths: tuple[int, ...], num_heads: int, image_residual: bool = False
+) -> dict[str, Any]:
+    """`model_ir.params` of a small same-size SwinIR at `resolution` (a multiple of 32): pixel-unshuffle
+    by 4 in, nearest+conv ×4 out, window 8; the shape our starter and test packs use."""
+    if resolution % 32:
+        raise ValueError("a small SwinIR needs a resolution that is a multiple of 32")
+    return {
+        "img_size": resolution // 4,
+        "patch_size": 1,
+        "in_chans": 3,
+        "embed_dim": embed_dim,
+        "depths": list(depths),
+        "num_heads": [num_heads] * len(depths),
+        "window_size": 8,
+        "mlp_ratio": 2,
+        "sf": 4,
+        "img_range": 1.0,
+        "upsampler": "nearest+conv",
+        "resi_connection": "1conv",
+        "unshuffle": True,
+        "unshuffle_scale": 4,
+        "image_residual": image_residual,
+    }
+
+
 def _check_supported(cfg: SwinIRConfig) -> None:
     if cfg.upsampler != "nearest+conv":
         raise NotImplementedError(f"SwinIR upsampler {cfg.upsampler!r}: only 'nearest+conv' is implemented")

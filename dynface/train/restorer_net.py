@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynface.models.swinir import build_swinir
+from dynface.models.swinir import build_swinir, small_params
 from dynface.train.common import (
     LoopConfig,
     LoopResult,
@@ -36,26 +36,10 @@ def swinir_config(
 ) -> dict[str, Any]:
     """A small DifFace-style SwinIR (pixel-unshuffle 4 in, nearest+conv ×4 out) at `resolution`;
     `image_residual` adds the input to the output (starts as the identity, see models/swinir.py)."""
-    if resolution % 32:
-        raise ValueError("the SwinIR restorer needs a resolution that is a multiple of 32")
     heads = 4 if embed_dim % 4 == 0 else 2
-    return {
-        "img_size": resolution // 4,
-        "patch_size": 1,
-        "in_chans": 3,
-        "embed_dim": embed_dim,
-        "depths": list(depths),
-        "num_heads": [heads] * len(depths),
-        "window_size": 8,
-        "mlp_ratio": 2,
-        "sf": 4,
-        "img_range": 1.0,
-        "upsampler": "nearest+conv",
-        "resi_connection": "1conv",
-        "unshuffle": True,
-        "unshuffle_scale": 4,
-        "image_residual": image_residual,
-    }
+    return small_params(
+        resolution, embed_dim=embed_dim, depths=depths, num_heads=heads, image_residual=image_residual
+    )
 
 
 @dataclass(frozen=True)
