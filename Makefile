@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip<27"
 	$(BIN)/pip install -q -e '.[dev]'
+	# Reference code and head weights for the LPIPS/DISTS tests; their torchvision import is never run.
+	$(BIN)/pip install -q --no-deps "lpips==0.1.4" "dists-pytorch==0.1"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -225,13 +225,27 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="out/evaluation")
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    w = p.add_argument_group("supplied metric weights (local paths or fsspec URIs; nothing is downloaded)")
+    w.add_argument("--arcface", default=None, help="ArcFace ResNet-18 resnet18_110.pth: identity angle")
+    w.add_argument("--fid-inception", default=None, help="pt_inception-2015-12-05-6726825d.pth: FID")
+    w.add_argument("--vgg16", default=None, help="torchvision vgg16-397923af.pth: LPIPS and DISTS")
+    w.add_argument("--lpips-head", default=None, help="LPIPS v0.1 vgg.pth (default: the lpips package's)")
+    w.add_argument("--dists-head", default=None, help="DISTS weights.pt (default: dists-pytorch's)")
     p.set_defaults(handler=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from dynface.evaluation import ABLATION, ablation_markdown, run_evaluation
+    from dynface.supplied_metrics import MetricWeights
 
     methods = tuple(args.methods.split(",")) if args.methods else tuple(m for _, m in ABLATION)
+    weights = MetricWeights(
+        arcface=args.arcface,
+        fid_inception=args.fid_inception,
+        vgg16=args.vgg16,
+        lpips_head=args.lpips_head,
+        dists_head=args.dists_head,
+    )
     report, evaluation = run_evaluation(
         pack=args.pack,
         hq=args.hq,
@@ -242,6 +256,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         overrides=dict(parse_option(o) for o in args.option) or None,
         seed=args.seed,
+        weights=weights,
     )
     print(ablation_markdown(evaluation.summary))
     print(f"\nreport: {report}")

@@ -8,6 +8,8 @@ Full-reference metrics are computed at that resolution for PSNR/SSIM; identity d
 dlib models, which need larger faces, so both images are first upscaled (bicubic) to `id_size`.
 The Fréchet distance compares the restored set with the GT set on the named feature extractor
 (dlib's 128-D face descriptor unless FID Inception weights are supplied), and is always labelled.
+Supplied weights (dynface.supplied_metrics) add the ArcFace angle, LPIPS and DISTS, computed on the same
+`id_size` faces.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dynface.metrics import (
     ssim,
 )
 from dynface.restorer import Restorer
+from dynface.supplied_metrics import MetricWeights, SuppliedMetrics
 
 # The ablation ladder: row label -> method ("lq" is the degraded input itself).
 ABLATION: tuple[tuple[str, str], ...] = (
@@ -108,13 +111,22 @@ def build_eval_set(
 
 
 def score_faces(
-    images: Sequence[np.ndarray], gt: Sequence[np.ndarray], *, id_size: int = 256, embedder=None
+    images: Sequence[np.ndarray],
+    gt: Sequence[np.ndarray],
+    *,
+    id_size: int = 256,
+    embedder=None,
+    supplied: SuppliedMetrics | None = None,
 ) -> pd.DataFrame:
-    """Per-face PSNR/SSIM (RGB and Y, 8-bit), identity distance and LMD (at id_size)."""
+    """Per-face PSNR/SSIM (RGB and Y, 8-bit), identity distance and LMD (at id_size), plus the
+    columns of any `supplied` metrics (also at id_size)."""
     embedder = embedder or IdentityEmbedder()
     rows = []
+    bigs, big_refs = [], []
     for img, ref in zip(images, gt):
         big, big_ref = _resize_u8(img, id_size), _resize_u8(ref, id_size)
+        bigs.append(big)
+        big_refs.append(big_ref)
         rows.append(
             {
                 "psnr_rgb": psnr(img, ref),
@@ -125,7 +137,11 @@ def score_faces(
                 "lmd": landmark_distance(big, big_ref),
             }
         )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if supplied is not None and rows:
+        for column, values in supplied.score(bigs, big_refs).items():
+            table[column] = values
+    return table
 
 
 @dataclass(frozen=True)
@@ -143,9 +159,11 @@ def evaluate_variants(
     extractor: FeatureExtractor | None = None,
     id_size: int = 256,
     sheet_faces: int = 6,
+    supplied: SuppliedMetrics | None = None,
 ) -> Evaluation:
     """Per-face table and per-variant summary for every method; "lq" scores the input itself."""
-    extractor = extractor or dlib_descriptor_extractor()
+    supplied = supplied or SuppliedMetrics()
+    extractor = extractor or supplied.extractor or dlib_descriptor_extractor()
     embedder = IdentityEmbedder()
     gt_big = [_resize_u8(g, id_size) for g in eval_set.gt]
     gt_feats = extractor(gt_big)
@@ -165,7 +183,7 @@ def evaluate_variants(
             ]
         seconds = (time.perf_counter() - t0) / len(images)
         sheet[method] = images[:sheet_faces]
-        scores = score_faces(images, eval_set.gt, id_size=id_size, embedder=embedder)
+        scores = score_faces(images, eval_set.gt, id_size=id_size, embedder=embedder, supplied=supplied)
         scores.insert(0, "name", list(eval_set.names))
         scores.insert(0, "method", method)
         scores = pd.concat([scores, pd.DataFrame(diag)], axis=1)
@@ -184,9 +202,13 @@ def evaluate_variants(
                 "mean_steps": float(scores["n_steps"].mean()),
                 "seconds_per_face": seconds,
                 "n_faces": len(images),
+                **{c: float(scores[c].mean()) for c in supplied.columns},
             }
         )
     return Evaluation(pd.concat(per_face, ignore_index=True), pd.DataFrame(summary), sheet)
+
+
+SUPPLIED_COLUMNS = {"ida_rad": "IDA (rad)", "ida_deg": "IDA (deg)", "lpips": "LPIPS", "dists": "DISTS"}
 
 
 def ablation_markdown(summary: pd.DataFrame) -> str:
@@ -194,6 +216,8 @@ def ablation_markdown(summary: pd.DataFrame) -> str:
     label = {m: name for name, m in ABLATION}
     columns = ["setting", "method", "PSNR", "SSIM", "identity dist.", "LMD (px)", "Fréchet dist."]
     columns += ["extractor", "steps", "s/face"]
+    supplied = [c for c in SUPPLIED_COLUMNS if c in summary.columns]
+    columns += [SUPPLIED_COLUMNS[c] for c in supplied]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, r in summary.iterrows():
         cells = [
@@ -207,6 +231,7 @@ def ablation_markdown(summary: pd.DataFrame) -> str:
             r["fd_extractor"],
             f"{r['mean_steps']:.0f}",
             f"{r['seconds_per_face']:.2f}",
+            *(f"{r[c]:.3f}" for c in supplied),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -238,6 +263,7 @@ def run_evaluation(
     holdout: str | None = None,
     overrides: dict | None = None,
     seed: int = 2025,
+    weights: MetricWeights | None = None,
 ) -> tuple[str, Evaluation]:
     """Build the set, restore with every method, write the report; returns (report URI, evaluation)."""
     from dynface.report import write_report
@@ -247,11 +273,13 @@ def run_evaluation(
     eval_set = build_eval_set(
         hq, resolution=restorer.resolution, protocol=protocol, limit=limit, seed=seed, names=names
     )
-    evaluation = evaluate_variants(restorer, eval_set, methods=methods)
+    supplied = SuppliedMetrics.load(weights)
+    evaluation = evaluate_variants(restorer, eval_set, methods=methods, supplied=supplied)
     notes = (
         f"Pack `{restorer.pack.manifest.name}` ({restorer.pack.manifest.uri}), resolution"
         f" {restorer.resolution} px, protocol `{protocol}` (seed {seed}) on {len(eval_set.names)} HQ faces"
         f" from `{hq}`{' (held-out split ' + holdout + ')' if holdout else ''}."
+        + (f" Supplied-weight metrics: {', '.join(supplied.columns)}." if supplied.columns else "")
     )
     report = write_report(evaluation, out, title="DynFace evaluation", notes=notes)
     return report, evaluation

@@ -10,7 +10,8 @@ range 255), as BasicSR and VQFR do.
 * LMD: dlib's 68-point landmarks, NOT the AWing 98-point (WFLW) model of VQFR, so values are not
   comparable with published LMD numbers; use them to compare methods against each other.
 * FID: a Frechet distance between feature sets, always returned with the extractor's name.
-LPIPS and DISTS are not provided (they need VGG/AlexNet weights and networks we have not written).
+LPIPS (VGG) and DISTS live in `dynface.perceptual` (user-supplied VGG16 weights); `dynface.supplied_metrics`
+loads every metric whose weights the user supplies.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from dynface.evaluation import ABLATION, ablation_markdown, run_evaluation
+from dynface.supplied_metrics import MetricWeights
 
 
 @flow(name="evaluate")
@@ -19,8 +20,13 @@ def evaluate(
     holdout: str | None = None,
     options: dict | None = None,
     seed: int = 2025,
+    arcface: str | None = None,
+    fid_inception: str | None = None,
+    vgg16: str | None = None,
 ) -> str:
-    """Restore a degraded CelebA-Test-style set with every method variant and write report.md."""
+    """Restore a degraded CelebA-Test-style set with every method variant and write report.md.
+    `arcface`, `fid_inception`, `vgg16`: user-supplied weight files that add the identity angle, the
+    Inception FID and LPIPS/DISTS (dynface.supplied_metrics)."""
     report, evaluation = run_evaluation(
         pack=pack,
         hq=hq,
@@ -31,6 +37,7 @@ def evaluate(
         holdout=holdout,
         overrides=options,
         seed=seed,
+        weights=MetricWeights(arcface=arcface, fid_inception=fid_inception, vgg16=vgg16),
     )
     create_markdown_artifact(
         key="evaluation-summary",

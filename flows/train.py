@@ -17,7 +17,7 @@ from dynface.models.swinir import build_swinir
 from dynface.paths import shared_dir
 from dynface.train.common import LoopResult
 from dynface.train.data import list_faces, load_faces, split_faces
-from dynface.train.dgsa import FrozenNets, train_dgsa
+from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
 from dynface.train.plan import StarterPlan, starter_plan, with_seed
 from dynface.train.prior import train_prior
 from dynface.train.restorer_net import train_rm
@@ -60,9 +60,10 @@ def train_starter_flow(
     seed: int = 0,
     threads: int = 1,
     reuse_prior: str | None = None,
+    vgg16: str | None = None,
 ) -> dict[str, Any]:
     """Every stage in order, then the pack (dynface.train.starter.train_starter); `reuse_prior`: a pack
-    folder whose prior is taken instead of training one."""
+    folder whose prior is taken instead of training one; `vgg16`: VGG16 weights, adds DISTS to DGSA's loss."""
     import torch
 
     torch.set_num_threads(threads)
@@ -76,6 +77,7 @@ def train_starter_flow(
         seed=seed,
         progress=False,
         reuse_prior=reuse_prior,
+        vgg16=vgg16,
     )
     return {
         "manifest": report.manifest_uri,
@@ -157,8 +159,10 @@ def train_dgsa_flow(
     data_dir: str | None = None,
     seed: int = 0,
     threads: int = 1,
+    vgg16: str | None = None,
 ) -> dict[str, Any]:
-    """Needs finished prior, RM, SDE and SE stages in `work_dir`; builds the DSST table itself."""
+    """Needs finished prior, RM, SDE and SE stages in `work_dir`; builds the DSST table itself.
+    `vgg16`: VGG16 weights, adds the DISTS term to the loss."""
     plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
     work = Path(work_dir)
     prior = train_prior(images, work / "prior", plan.prior)
@@ -171,4 +175,5 @@ def train_dgsa_flow(
     nets = FrozenNets(
         prior=prior.model, rm=rm.model, se=se.se, dsst=dsst, std_range=plan.std_range, resolution=resolution
     )
-    return _summary(train_dgsa(images, work / "dgsa", plan.dgsa, nets=nets))
+    perceptual = dists_loss(vgg16) if vgg16 else None
+    return _summary(train_dgsa(images, work / "dgsa", plan.dgsa, nets=nets, perceptual=perceptual))

@@ -80,3 +80,45 @@ def test_cli_evaluate_writes_report_with_every_ablation_row(hq_folder: Path, tmp
     assert steps["lq"] == 0 and steps["rm_only"] == 0 and steps["full"] > 0
     text = (out / "report.md").read_text()
     assert "+DGSA" in text and "DifFace-style fixed start" in text
+
+
+def test_cli_evaluate_adds_the_metrics_of_supplied_weights(hq_folder: Path, tmp_path: Path) -> None:
+    """ArcFace, VGG16 and FID Inception files (random weights here) each add their columns; values are
+    the library's own metric functions on the same id_size faces."""
+    import torch
+
+    from dynface import metric_nets, perceptual
+    from dynface.evaluation import _resize_u8
+
+    if perceptual.default_head_path("lpips") is None or perceptual.default_head_path("dists") is None:
+        pytest.skip("LPIPS/DISTS HEADS MISSING: install lpips==0.1.4 and dists-pytorch==0.1 with --no-deps")
+    torch.manual_seed(0)
+    torch.save(metric_nets.ArcFaceResNet18().state_dict(), tmp_path / "arcface.pth")
+    vgg = {f"features.{k.split('.', 1)[1]}": v for k, v in perceptual.VGG16Features().state_dict().items()}
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    torch.save(metric_nets.FIDInceptionV3().state_dict(), tmp_path / "inception.pth")
+    pack = write_random_pack(str(tmp_path / "pack"), resolution=32, seed=4)
+    out = tmp_path / "report"
+    args = ["evaluate", "--pack", pack, "--hq", str(hq_folder), "--limit", "2", "--out", str(out)]
+    args += ["--methods", "lq,rm_only", "--arcface", str(tmp_path / "arcface.pth")]
+    args += ["--vgg16", str(tmp_path / "vgg16.pth"), "--fid-inception", str(tmp_path / "inception.pth")]
+    assert cli_main(args) == 0
+    per_face = pd.read_parquet(out / "per_face.parquet")
+    for column in ("ida_rad", "ida_deg", "lpips", "dists"):
+        assert per_face[column].notna().all(), column
+    np.testing.assert_allclose(np.degrees(per_face["ida_rad"]), per_face["ida_deg"])
+    ev = build_eval_set(str(hq_folder), resolution=32, limit=2)
+    lq = per_face[per_face.method == "lq"].sort_values("name")
+    arcface = metric_nets.ArcFaceIdentity.from_file(str(tmp_path / "arcface.pth"))
+    big = [_resize_u8(x, 256) for x in ev.lq]
+    big_gt = [_resize_u8(x, 256) for x in ev.gt]
+    np.testing.assert_allclose(
+        lq["ida_rad"], [arcface.angle(a, b)[0] for a, b in zip(big, big_gt)], atol=1e-6
+    )
+    lpips = perceptual.LPIPS.from_files(str(tmp_path / "vgg16.pth"))
+    np.testing.assert_allclose(lq["lpips"], perceptual.score_images(lpips, big, big_gt), rtol=1e-5)
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert {"ida_rad", "ida_deg", "lpips", "dists"} <= set(summary.columns)
+    assert all("inception" in name for name in summary["fd_extractor"])
+    text = (out / "report.md").read_text()
+    assert "LPIPS" in text and "DISTS" in text and "IDA (rad)" in text

@@ -219,6 +219,35 @@ def test_dgsa_overfits_and_resumes(tmp_path: Path) -> None:
     _same_state(resumed.model, straight.model)
 
 
+def _random_vgg16_file(path: Path) -> str:
+    from dynface.perceptual import VGG16Features
+
+    torch.manual_seed(0)
+    torch.save(VGG16Features().state_dict(), path)  # torchvision's key names: features.N.weight/bias
+    return str(path)
+
+
+def test_dgsa_loss_gets_the_dists_term_with_vgg16_weights(tmp_path: Path) -> None:
+    from dynface.perceptual import default_head_path
+    from dynface.train.dgsa import dists_loss
+
+    if default_head_path("dists") is None:
+        pytest.skip("DISTS HEAD MISSING: install dists-pytorch==0.1 with --no-deps (make venv does)")
+    images = _faces(3, 32)
+    nets = _frozen_nets(images, tmp_path)
+    loss = dists_loss(_random_vgg16_file(tmp_path / "vgg16.pth"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert loss(x, x).item() < 1e-5 < loss(x, -x).item()
+    cfg = DGSATrainConfig(
+        dgsa={"hidden": 8}, steps=2, batch_size=2, warmup=1, respacing="ddim10", mode="closed_form",
+        perceptual_weight=0.5, loop=_loop(tmp_path),
+    )  # fmt: skip
+    result = train_dgsa(images, tmp_path / "dists", cfg, nets=nets, perceptual=loss)
+    swt, dists, total = (np.array(result.history[k]) for k in ("swt", "perceptual", "loss"))
+    assert (dists > 0).all()
+    np.testing.assert_allclose(total, swt + 0.5 * dists, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- std* labels
 
 
@@ -281,6 +310,8 @@ def test_split_rule_uses_sha256_prefixes(tmp_path: Path) -> None:
 
 
 def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
+    from dynface.perceptual import default_head_path
+
     data = tmp_path / "data"
     _write_faces(data / "src", 12, 32)
     out = tmp_path / "pack"
@@ -312,10 +343,15 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
     again = train_starter(
         tmp_path / "pack2", resolution=32, quick=True, data_dir=data, work_dir=tmp_path / "work2",
         progress=False, tune_faces=1, eval_faces=2, scales=(1.0,), reuse_prior=out,
+        vgg16=_random_vgg16_file(tmp_path / "vgg16.pth") if default_head_path("dists") else None,
     )  # fmt: skip
     assert again.stages["prior"]["reused_from"] == "pack"
     assert again.stages["prior"]["steps"] == report.stages["prior"]["steps"]
     second = load_pack(str(tmp_path / "pack2"))
+    card = (tmp_path / "pack2" / "MODEL_CARD.md").read_text()
+    if default_head_path("dists"):
+        assert "+ 1·DISTS" in card and "SWT only" not in card
+    assert "SWT only" in (out / "MODEL_CARD.md").read_text()
     for name, tensor in loaded.prior.state_dict().items():
         torch.testing.assert_close(second.prior.state_dict()[name], tensor)
 

@@ -34,6 +34,7 @@ class CardFacts:
     hardware: str
     quick: bool
     notes: tuple[str, ...] = ()
+    dgsa_dists_weight: float | None = None  # None: no VGG16 weights supplied, SWT-only loss
 
 
 def _licences(files: list[FaceFile]) -> list[str]:
@@ -74,11 +75,22 @@ def _method_lines(facts: CardFacts) -> list[str]:
         f"  {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} px).",
         "- **DGSA**: one guided DDIM step of the frozen prior on the pack's sampling grid (spec §3.14),",
         f"  guidance in `{facts.dgsa_mode}` mode with ζ = {facts.dgsa_scale:g} during training;",
-        "  loss = 1-level Haar SWT sub-band L1 (γ = 1, 1, 1, 1). **SWT only, no DISTS term**: the",
-        "  project has no DISTS network and no VGG16 weights were supplied.",
+        *_dgsa_loss_lines(facts.dgsa_dists_weight),
         f"- **DSST**: mean power spectrum of the {d.n_images} training faces at {facts.resolution} px,",
         f"  max reduction, tol calibrated to {d.tol:.4g} (std_max starts at t = {d.t_range[1]});",
         f"  t_start {int(d.t_starts[0])} … {int(d.t_starts[-1])} over the std range (`curves/dsst.png`).",
+    ]
+
+
+def _dgsa_loss_lines(dists_weight: float | None) -> list[str]:
+    if dists_weight is not None:
+        return [
+            f"  loss = 1-level Haar SWT sub-band L1 (γ = 1, 1, 1, 1) + {dists_weight:g}·DISTS"
+            " (VGG16 weights supplied)."
+        ]
+    return [
+        "  loss = 1-level Haar SWT sub-band L1 (γ = 1, 1, 1, 1). **SWT only, no DISTS term**: no VGG16",
+        "  weights were supplied (`--vgg16 vgg16-397923af.pth` adds the term).",
     ]
 
 

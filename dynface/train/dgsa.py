@@ -4,8 +4,8 @@ Per batch: synthetic LQ y → DBLM (frozen RM and SE) → blurred target ý at s
 a spaced index k ~ U{1 … k(t_std)}; x_k = √ᾱ x0 + √(1−ᾱ) ε from the ground truth; x0_k = prior
 prediction; guidance g_k (detached; "dps": through the UNet, "closed_form": spec §3.3);
 x_{k−1} = DDIM(x_k, x0_k) − ζ·A_k ⊙ g_k; x0_{k−1} = prior prediction at k−1, with the gradient flowing to
-A_k through the frozen prior. Loss = Σ_b γ_b ‖SWT(x0_{k−1})_b − SWT(x0)_b‖₁ (+ w·DISTS when a perceptual
-loss is supplied; the project has no DISTS network, so the starter pack trains SWT-only).
+A_k through the frozen prior. Loss = Σ_b γ_b ‖SWT(x0_{k−1})_b − SWT(x0)_b‖₁ + w·DISTS(x0_{k−1}, x0) when
+VGG16 weights are supplied (`dists_loss`), SWT-only otherwise.
 """
 
 from __future__ import annotations
@@ -36,6 +36,18 @@ from dynface.train.data import PairPool, draw_pairs
 from dynface.train.swt import swt_l1_loss
 
 Perceptual = Callable[[Tensor, Tensor], Tensor]
+
+
+def dists_loss(vgg16: str, head: str | None = None) -> Perceptual:
+    """Mean DISTS between two (B, 3, H, W) batches in [−1, 1] (dynface.perceptual; frozen VGG16)."""
+    from dynface.perceptual import DISTS
+
+    net = DISTS.from_files(vgg16, head)
+
+    def loss(x: Tensor, y: Tensor) -> Tensor:
+        return net(((x + 1) / 2).clamp(0, 1), ((y + 1) / 2).clamp(0, 1)).mean()
+
+    return loss
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dynface.restorer import Restorer
 from dynface.train.card import CardFacts, render_card
 from dynface.train.common import LoopResult
 from dynface.train.data import FaceFile, build_pair_pool, list_faces, load_faces, split_faces
-from dynface.train.dgsa import FrozenNets, train_dgsa
+from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
 from dynface.train.evaluate import EvalResult, degraded_eval_set, evaluate_restorer
 from dynface.train.plan import StarterPlan, starter_plan, with_seed
 from dynface.train.prior import train_prior
@@ -152,6 +152,8 @@ def train_starter(
     exclude_sources: tuple[str, ...] | None = None,
     notes: tuple[str, ...] = (),
     reuse_prior: str | Path | None = None,
+    vgg16: str | None = None,
+    dists_head: str | None = None,
 ) -> StarterReport:
     """Train every component and write the pack to `out_dir`.
 
@@ -162,7 +164,8 @@ def train_starter(
     ζ is tuned on `tune_faces` of them and PSNR reported on the first `eval_faces`. `notes` are added to
     the model card verbatim (e.g. how a run deviated from the plan). `reuse_prior`: a pack folder whose
     prior (and its recorded training summary, `training.json`) is taken instead of training one — the
-    prior is most of the cost, and the other stages depend on it only through DGSA.
+    prior is most of the cost, and the other stages depend on it only through DGSA. `vgg16`: torchvision's
+    VGG16 file; with it DGSA's loss gets the DISTS term (head from `dists_head` or the dists-pytorch package).
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -243,7 +246,8 @@ def train_starter(
         best, tuning = _tune_and_eval(out, lq[tune_sel], gt[tune_sel], scales)
         sampler["guidance_scale"] = best
     dgsa_config = replace(plan.dgsa, guidance_scale=float(sampler["guidance_scale"]))
-    dgsa = train_dgsa(images, work / "dgsa", dgsa_config, nets=nets, pool=pool)
+    perceptual = dists_loss(vgg16, dists_head) if vgg16 else None
+    dgsa = train_dgsa(images, work / "dgsa", dgsa_config, nets=nets, pool=pool, perceptual=perceptual)
     networks["dgsa"] = (dgsa.model, configs["dgsa"])
     uri = write(sampler, None)
     if lq is not None and gt is not None:
@@ -278,6 +282,7 @@ def train_starter(
         se=plan.se,
         dgsa_mode=plan.dgsa.mode,
         dgsa_scale=dgsa_config.guidance_scale,
+        dgsa_dists_weight=dgsa_config.perceptual_weight if vgg16 else None,
         pool=f"{pool.lq.shape[0]} pairs ({plan.pool_per_image} per training face, degraded at "
         f"{plan.degrade_resolution} px)",
         notes=notes,
@@ -373,6 +378,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check an existing pack (no training)")
     parser.add_argument("--note", action="append", default=[], help="a line for the model card (repeatable)")
     parser.add_argument("--reuse-prior", default=None, help="take the prior from this pack folder")
+    parser.add_argument(
+        "--vgg16", default=None, help="torchvision vgg16-397923af.pth: adds DISTS to DGSA's loss"
+    )
+    parser.add_argument("--dists-head", default=None, help="DISTS weights.pt (default: dists-pytorch's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.check:
@@ -389,6 +398,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         notes=tuple(args.note),
         reuse_prior=args.reuse_prior,
+        vgg16=args.vgg16,
+        dists_head=args.dists_head,
     )
     print(json.dumps(_report_json(report), indent=1))
     return 0
