@@ -18,7 +18,7 @@ from dynface.paths import shared_dir
 from dynface.train.common import LoopResult
 from dynface.train.data import list_faces, load_faces, split_faces
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
-from dynface.train.plan import StarterPlan, starter_plan, with_seed
+from dynface.train.plan import StarterPlan, starter_plan, with_loop
 from dynface.train.prior import train_prior
 from dynface.train.restorer_net import train_rm
 from dynface.train.sde import train_sde
@@ -27,13 +27,21 @@ from dynface.train.starter import build_starter_dsst, train_starter
 
 
 def _setup(
-    resolution: int, quick: bool, budget_minutes: float | None, data_dir: str | None, seed: int, threads: int
+    resolution: int,
+    quick: bool,
+    budget_minutes: float | None,
+    data_dir: str | None,
+    seed: int,
+    threads: int,
+    device: str = "cpu",
 ) -> tuple[StarterPlan, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    plan = with_seed(
-        starter_plan(resolution, quick=quick, budget_minutes=budget_minutes, progress=False), seed
+    plan = with_loop(
+        starter_plan(resolution, quick=quick, budget_minutes=budget_minutes, progress=False),
+        seed=seed,
+        device=device,
     )
     data = Path(data_dir) if data_dir else shared_dir() / "data"
     train_files, _ = split_faces(list_faces(data))
@@ -59,8 +67,10 @@ def train_starter_flow(
     work_dir: str | None = None,
     seed: int = 0,
     threads: int = 1,
+    device: str = "cpu",
     reuse_prior: str | None = None,
     vgg16: str | None = None,
+    steps_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Every stage in order, then the pack (dynface.train.starter.train_starter); `reuse_prior`: a pack
     folder whose prior is taken instead of training one; `vgg16`: VGG16 weights, adds DISTS to DGSA's loss."""
@@ -78,6 +88,8 @@ def train_starter_flow(
         progress=False,
         reuse_prior=reuse_prior,
         vgg16=vgg16,
+        device=device,
+        steps_scale=steps_scale,
     )
     return {
         "manifest": report.manifest_uri,
@@ -96,8 +108,9 @@ def train_prior_flow(
     data_dir: str | None = None,
     seed: int = 0,
     threads: int = 1,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
     return _summary(train_prior(images, Path(work_dir) / "prior", plan.prior))
 
 
@@ -110,8 +123,9 @@ def train_rm_flow(
     data_dir: str | None = None,
     seed: int = 0,
     threads: int = 1,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
     return _summary(train_rm(images, Path(work_dir) / "rm", plan.rm))
 
 
@@ -124,8 +138,9 @@ def train_sde_flow(
     data_dir: str | None = None,
     seed: int = 0,
     threads: int = 1,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
     return _summary(train_sde(images, Path(work_dir) / "sde", plan.sde))
 
 
@@ -138,9 +153,10 @@ def train_se_flow(
     data_dir: str | None = None,
     seed: int = 0,
     threads: int = 1,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Needs finished RM and SDE stages in `work_dir`."""
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
     work = Path(work_dir)
     rm = train_rm(images, work / "rm", plan.rm)
     sde = train_sde(images, work / "sde", plan.sde)
@@ -159,11 +175,12 @@ def train_dgsa_flow(
     data_dir: str | None = None,
     seed: int = 0,
     threads: int = 1,
+    device: str = "cpu",
     vgg16: str | None = None,
 ) -> dict[str, Any]:
     """Needs finished prior, RM, SDE and SE stages in `work_dir`; builds the DSST table itself.
     `vgg16`: VGG16 weights, adds the DISTS term to the loss."""
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads)
+    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
     work = Path(work_dir)
     prior = train_prior(images, work / "prior", plan.prior)
     rm = train_rm(images, work / "rm", plan.rm)

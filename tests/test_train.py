@@ -296,6 +296,22 @@ def _write_faces(folder: Path, n: int, size: int) -> None:
         Image.fromarray((face * 255).round().astype(np.uint8)).save(folder / f"face{i:02d}.png")
 
 
+def test_plan_loop_and_step_helpers() -> None:
+    from dynface.train.plan import starter_plan, with_loop, with_steps_scale
+
+    plan = starter_plan(64)
+    moved = with_loop(plan, device="cuda", seed=7)
+    stages = (moved.prior, moved.rm, moved.sde, moved.se, moved.dgsa)
+    assert all(s.loop.device == "cuda" and s.loop.seed == 7 for s in stages)
+    assert plan.rm.loop.device == "cpu"  # the original plan is untouched
+    longer = with_steps_scale(plan, 10)
+    assert (longer.prior.steps, longer.rm.steps, longer.dgsa.steps) == (
+        10 * plan.prior.steps, 10 * plan.rm.steps, 10 * plan.dgsa.steps,
+    )  # fmt: skip
+    with pytest.raises(ValueError):
+        with_steps_scale(plan, 0)
+
+
 def test_split_rule_uses_sha256_prefixes(tmp_path: Path) -> None:
     _write_faces(tmp_path / "src", 16, 16)
     faces = list_faces(tmp_path)
@@ -342,10 +358,11 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
     # A second run can take the first pack's prior (weights and recorded summary) instead of training one.
     again = train_starter(
         tmp_path / "pack2", resolution=32, quick=True, data_dir=data, work_dir=tmp_path / "work2",
-        progress=False, tune_faces=1, eval_faces=2, scales=(1.0,), reuse_prior=out,
+        progress=False, tune_faces=1, eval_faces=2, scales=(1.0,), reuse_prior=out, steps_scale=2.0,
         vgg16=_random_vgg16_file(tmp_path / "vgg16.pth") if default_head_path("dists") else None,
     )  # fmt: skip
     assert again.stages["prior"]["reused_from"] == "pack"
+    assert again.stages["rm"]["steps"] == 2 * report.stages["rm"]["steps"]
     assert again.stages["prior"]["steps"] == report.stages["prior"]["steps"]
     second = load_pack(str(tmp_path / "pack2"))
     card = (tmp_path / "pack2" / "MODEL_CARD.md").read_text()

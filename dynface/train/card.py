@@ -94,6 +94,10 @@ def _dgsa_loss_lines(dists_weight: float | None) -> list[str]:
     ]
 
 
+def _where(hardware: str) -> str:
+    return "a GPU" if " GPU (training)" in hardware else "a CPU"
+
+
 def render_card(facts: CardFacts) -> str:
     s = facts.stages
     total_s = sum(v["elapsed_s"] for v in s.values())
@@ -103,8 +107,8 @@ def render_card(facts: CardFacts) -> str:
         "# DynFace `starter` pack",
         "",
         "Small networks for every component of DynFaceRestore (prior, RM, SE = TM + SDE, DGSA, DSST",
-        f"table), trained from scratch on a CPU at {res}×{res}. It exists so the whole method runs end",
-        "to end on a laptop; it is **not** a competitive face restorer (see Known limits).",
+        f"table), trained from scratch on {_where(facts.hardware)} at {res}×{res}. It exists so the whole",
+        "method runs end to end on a laptop; it is **not** a competitive face restorer (see Known limits).",
         "**Research/non-commercial use only** (training data licences below).",
         "",
         "## Data",

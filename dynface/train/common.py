@@ -76,6 +76,9 @@ class LoopConfig:
     fixed_batch: bool = False  # reseed every step: the same batch each step (overfit checks)
     stop_after: int | None = None  # end this call after that many new steps (time slicing, kill tests)
     progress: bool = True
+    # "cpu" or e.g. "cuda": the loop moves the model there; loss functions put their batches on it too.
+    # Resumes are bit-exact on CPU only (CUDA's RNG state is not checkpointed).
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.ckpt_every < 1:
@@ -191,6 +194,7 @@ def train_loop(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
+    model.to(config.device)  # parameters keep their identity, so the caller's optimizer still holds them
     rng = np.random.default_rng(config.seed)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema_decay is not None else None
     history: dict[str, list[float]] = {}
@@ -278,8 +282,8 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def to_tensor_batch(images: np.ndarray) -> Tensor:
-    """(B, H, W, 3) float in [0, 1] -> (B, 3, H, W) float32 tensor."""
+def to_tensor_batch(images: np.ndarray, device: str | torch.device = "cpu") -> Tensor:
+    """(B, H, W, 3) float in [0, 1] -> (B, 3, H, W) float32 tensor on `device`."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (B, H, W, 3), got {images.shape}")
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)).to(device)

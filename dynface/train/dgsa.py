@@ -45,6 +45,7 @@ def dists_loss(vgg16: str, head: str | None = None) -> Perceptual:
     net = DISTS.from_files(vgg16, head)
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
+        net.to(x.device)
         return net(((x + 1) / 2).clamp(0, 1), ((y + 1) / 2).clamp(0, 1)).mean()
 
     return loss
@@ -108,7 +109,9 @@ def guided_step_x0(
         with torch.no_grad():
             out = nets.prior(x_t, t)
             x0_t = diffusion.predict_xstart(x_t, index, out[:, :3])
-            sqrt_ab = torch.as_tensor(diffusion.sqrt_alphas_cumprod, dtype=x0.dtype)[index]
+            sqrt_ab = torch.as_tensor(diffusion.sqrt_alphas_cumprod, dtype=x0.dtype)[index.cpu()].to(
+                x0.device
+            )
             grad = closed_form_gradient(x0_t, targets, t, sqrt_ab)
     else:
         raise ValueError(f"unknown guidance mode {config.mode!r}")
@@ -138,7 +141,7 @@ def dgsa_batch(
     k_start = np.asarray(
         diffusion.index_for_timestep(dblm.targets.t_starts[:, 0].cpu().numpy()), dtype=np.int64
     )
-    index = torch.from_numpy(rng.integers(1, np.maximum(k_start, 1) + 1).astype(np.int64))
+    index = torch.from_numpy(rng.integers(1, np.maximum(k_start, 1) + 1).astype(np.int64)).to(lq.device)
     eta = (to_reference_std(dblm.std_hat, nets.resolution) / eta_divisor).clamp(0, 1)
     return dblm.targets, index, eta
 
@@ -153,9 +156,10 @@ def train_dgsa(
     pool: PairPool | None = None,
 ) -> LoopResult:
     """Train (or resume) DGSA on HQ faces (N, R, R, 3) float32 in [0, 1] with the frozen `nets`."""
+    dev = config.loop.device
     for net in (nets.prior, nets.rm, nets.se):
         if net is not None:
-            net.eval().requires_grad_(False)
+            net.eval().requires_grad_(False).to(dev)
     seed_everything(config.loop.seed)
     model = build_dgsa(config.dgsa)
     diffusion = Diffusion.create(config.respacing)
@@ -163,8 +167,8 @@ def train_dgsa(
 
     def loss_fn(rng: np.random.Generator, step: int) -> dict[str, Tensor]:
         lq, gt = draw_pairs(images, config.batch_size, rng, pool)
-        x0 = to_tensor_batch(gt) * 2 - 1
-        targets, index, eta = dgsa_batch(nets, diffusion, to_tensor_batch(lq), rng, config.eta_divisor)
+        x0 = to_tensor_batch(gt, dev) * 2 - 1
+        targets, index, eta = dgsa_batch(nets, diffusion, to_tensor_batch(lq, dev), rng, config.eta_divisor)
         x0_prev = guided_step_x0(model, nets, diffusion, x0, targets, index, eta, config)
         swt = swt_l1_loss(x0_prev, x0, config.gammas)
         terms = {"swt": swt.detach()}

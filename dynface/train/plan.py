@@ -134,13 +134,32 @@ def starter_plan(
     )
 
 
-def with_seed(plan: StarterPlan, seed: int) -> StarterPlan:
-    """The same plan with every stage's loop seed replaced."""
+def with_loop(plan: StarterPlan, **changes: Any) -> StarterPlan:
+    """The same plan with `changes` (LoopConfig fields, e.g. seed=1, device="cuda") in every stage's loop."""
     return replace(
         plan,
-        prior=replace(plan.prior, loop=replace(plan.prior.loop, seed=seed)),
-        rm=replace(plan.rm, loop=replace(plan.rm.loop, seed=seed)),
-        sde=replace(plan.sde, loop=replace(plan.sde.loop, seed=seed)),
-        se=replace(plan.se, loop=replace(plan.se.loop, seed=seed)),
-        dgsa=replace(plan.dgsa, loop=replace(plan.dgsa.loop, seed=seed)),
+        prior=replace(plan.prior, loop=replace(plan.prior.loop, **changes)),
+        rm=replace(plan.rm, loop=replace(plan.rm.loop, **changes)),
+        sde=replace(plan.sde, loop=replace(plan.sde.loop, **changes)),
+        se=replace(plan.se, loop=replace(plan.se.loop, **changes)),
+        dgsa=replace(plan.dgsa, loop=replace(plan.dgsa.loop, **changes)),
+    )
+
+
+def with_steps_scale(plan: StarterPlan, factor: float) -> StarterPlan:
+    """Every stage's step count times `factor`: a GPU runs many times the CPU recipe's steps in its time
+    budget, which still stops each stage (`budget_minutes`)."""
+    if factor <= 0:
+        raise ValueError("steps_scale must be > 0")
+
+    def scaled(stage: Any) -> Any:
+        return replace(stage, steps=max(1, round(stage.steps * factor)))
+
+    return replace(
+        plan,
+        prior=scaled(plan.prior),
+        rm=scaled(plan.rm),
+        sde=scaled(plan.sde),
+        se=scaled(plan.se),
+        dgsa=scaled(plan.dgsa),
     )

@@ -71,6 +71,7 @@ def prior_loss(
 ) -> dict[str, Tensor]:
     """x0 (B, 3, H, W) in [-1, 1]; uniform spaced index, Gaussian noise from torch's global RNG."""
     index = torch.from_numpy(rng.integers(0, diffusion.num_steps, size=x0.shape[0]).astype(np.int64))
+    index = index.to(x0.device)
     noise = torch.randn_like(x0)
     terms = diffusion.training_losses(model, x0, index, noise)
     return {"loss": terms["loss"].mean(), "mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
@@ -86,7 +87,7 @@ def train_prior(images: np.ndarray, out_dir: Path | str, config: PriorTrainConfi
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def loss_fn(rng: np.random.Generator, step: int) -> dict[str, Tensor]:
-        x0 = to_tensor_batch(sample_hq(images, config.batch_size, rng)) * 2 - 1
+        x0 = to_tensor_batch(sample_hq(images, config.batch_size, rng), config.loop.device) * 2 - 1
         return prior_loss(model, diffusion, x0, rng)
 
     return train_loop(

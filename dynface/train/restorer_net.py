@@ -80,7 +80,8 @@ def train_rm(
 
     def loss_fn(rng: np.random.Generator, step: int) -> dict[str, Tensor]:
         lq, gt = draw_pairs(images, config.batch_size, rng, pool)
-        return rm_loss(model, to_tensor_batch(lq), to_tensor_batch(gt))
+        dev = config.loop.device
+        return rm_loss(model, to_tensor_batch(lq, dev), to_tensor_batch(gt, dev))
 
     return train_loop(
         name="rm",

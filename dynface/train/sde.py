@@ -55,7 +55,7 @@ def blurred_batch(
     x0: Tensor, rng: np.random.Generator, std_range: tuple[float, float]
 ) -> tuple[Tensor, Tensor]:
     """x0 (B, 3, H, W) in [0, 1] -> (k_std ⊛ x0 (B, 3, H, W), std (B,)), std ~ U[std_range]."""
-    std = torch.from_numpy(rng.uniform(*std_range, size=x0.shape[0]).astype(np.float32))
+    std = torch.from_numpy(rng.uniform(*std_range, size=x0.shape[0]).astype(np.float32)).to(x0.device)
     return gaussian_blur(x0, std), std
 
 
@@ -72,7 +72,7 @@ def train_sde(images: np.ndarray, out_dir: Path | str, config: SDETrainConfig) -
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
 
     def loss_fn(rng: np.random.Generator, step: int) -> dict[str, Tensor]:
-        x0 = to_tensor_batch(sample_hq(images, config.batch_size, rng))
+        x0 = to_tensor_batch(sample_hq(images, config.batch_size, rng), config.loop.device)
         blurred, std = blurred_batch(x0, rng, std_range)
         return sde_loss(model, blurred, std)
 

@@ -121,17 +121,18 @@ def train_se(
     """Train SE = StdEstimator(sde, tm) with std* labels from the frozen `rm` (TM should start as RM)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rm = rm.eval().requires_grad_(False)
-    grid = std_grid(config.std_range, config.grid_size)
+    dev = config.loop.device
+    rm = rm.eval().requires_grad_(False).to(dev)
+    grid = std_grid(config.std_range, config.grid_size).to(dev)
     # Calibration pairs come from their own generator so the training stream is the same with a given τ.
     calib_rng = np.random.default_rng(config.loop.seed + 1)
     psnrs = []
     for start in range(0, config.calib_pairs, 16):
         lq, gt = draw_pairs(images, min(16, config.calib_pairs - start), calib_rng, pool)
-        psnrs.append(_restored_and_psnr(rm, to_tensor_batch(lq), to_tensor_batch(gt), grid))
+        psnrs.append(_restored_and_psnr(rm, to_tensor_batch(lq, dev), to_tensor_batch(gt, dev), grid).cpu())
     psnr = torch.cat(psnrs)
-    tau = calibrate_tau(psnr, grid) if config.tau is None else float(config.tau)
-    labels = std_star(psnr, grid, tau)
+    tau = calibrate_tau(psnr, grid.cpu()) if config.tau is None else float(config.tau)
+    labels = std_star(psnr, grid.cpu(), tau)
     q = tuple(float(v) for v in torch.quantile(labels, torch.tensor([0.1, 0.5, 0.9])))
     (out / "tau.json").write_text(json.dumps({"tau": tau, "label_quantiles_10_50_90": q}, indent=1))
 
@@ -146,7 +147,7 @@ def train_se(
 
     def loss_fn(rng: np.random.Generator, step: int) -> dict[str, Tensor]:
         lq, gt = draw_pairs(images, config.batch_size, rng, pool)
-        lq_t, gt_t = to_tensor_batch(lq), to_tensor_batch(gt)
+        lq_t, gt_t = to_tensor_batch(lq, dev), to_tensor_batch(gt, dev)
         star = std_star(_restored_and_psnr(rm, lq_t, gt_t, grid), grid, tau)
         return se_loss(se, lq_t, gt_t, star, config.std_weight)
 

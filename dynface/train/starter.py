@@ -33,7 +33,7 @@ from dynface.train.common import LoopResult
 from dynface.train.data import FaceFile, build_pair_pool, list_faces, load_faces, split_faces
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
 from dynface.train.evaluate import EvalResult, degraded_eval_set, evaluate_restorer
-from dynface.train.plan import StarterPlan, starter_plan, with_seed
+from dynface.train.plan import StarterPlan, starter_plan, with_loop, with_steps_scale
 from dynface.train.prior import train_prior
 from dynface.train.restorer_net import train_rm
 from dynface.train.sde import train_sde
@@ -112,11 +112,14 @@ def write_holdout(path: Path, held: list[FaceFile]) -> None:
     path.write_text("".join(f"{f.file}\n" for f in sorted(held, key=lambda f: f.file)))
 
 
-def _hardware() -> str:
-    return (
+def _hardware(device: str) -> str:
+    cpu = (
         f"{platform.machine()} CPU ({os.cpu_count()} logical cores shared with other jobs), torch "
         f"{torch.__version__} with {torch.get_num_threads()} thread(s), Python {platform.python_version()}"
     )
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))} GPU (training), host {cpu}"
+    return cpu
 
 
 def _tune_and_eval(
@@ -124,8 +127,9 @@ def _tune_and_eval(
     tune_lq: np.ndarray,
     tune_gt: np.ndarray,
     scales: tuple[float, ...],
+    device: str = "cpu",
 ) -> tuple[float, dict[float, float]]:
-    restorer = Restorer.from_pack(str(folder), device="cpu")
+    restorer = Restorer.from_pack(str(folder), device=device)
     scores: dict[float, float] = {}
     for zeta in scales:
         res = evaluate_restorer(
@@ -154,6 +158,8 @@ def train_starter(
     reuse_prior: str | Path | None = None,
     vgg16: str | None = None,
     dists_head: str | None = None,
+    device: str = "cpu",
+    steps_scale: float = 1.0,
 ) -> StarterReport:
     """Train every component and write the pack to `out_dir`.
 
@@ -166,6 +172,8 @@ def train_starter(
     prior (and its recorded training summary, `training.json`) is taken instead of training one — the
     prior is most of the cost, and the other stages depend on it only through DGSA. `vgg16`: torchvision's
     VGG16 file; with it DGSA's loss gets the DISTS term (head from `dists_head` or the dists-pytorch package).
+    `device`: where every stage trains and the pack is checked ("cuda" on a GPU machine); `steps_scale`
+    multiplies every stage's step count (the budget still applies).
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -173,9 +181,12 @@ def train_starter(
     work = (
         Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir()) / f"dynface_work_{out.name}"
     )
-    plan = with_seed(
-        starter_plan(resolution, quick=quick, budget_minutes=budget_minutes, progress=progress), seed
+    plan = with_loop(
+        starter_plan(resolution, quick=quick, budget_minutes=budget_minutes, progress=progress),
+        seed=seed,
+        device=device,
     )
+    plan = with_steps_scale(plan, steps_scale) if steps_scale != 1.0 else plan
     kw = {} if exclude_sources is None else {"exclude": exclude_sources}
     faces = list_faces(data, **kw)
     train_files, held_files = split_faces(faces)
@@ -243,7 +254,7 @@ def train_starter(
         used = held_files[: max(n_eval, tune_sel[-1] + 1)]
         hq = load_faces(data, used, 512 if not quick else resolution)
         lq, gt = degraded_eval_set(hq, resolution)
-        best, tuning = _tune_and_eval(out, lq[tune_sel], gt[tune_sel], scales)
+        best, tuning = _tune_and_eval(out, lq[tune_sel], gt[tune_sel], scales, device)
         sampler["guidance_scale"] = best
     dgsa_config = replace(plan.dgsa, guidance_scale=float(sampler["guidance_scale"]))
     perceptual = dists_loss(vgg16, dists_head) if vgg16 else None
@@ -251,7 +262,7 @@ def train_starter(
     networks["dgsa"] = (dgsa.model, configs["dgsa"])
     uri = write(sampler, None)
     if lq is not None and gt is not None:
-        restorer = Restorer.from_pack(str(out), device="cpu")
+        restorer = Restorer.from_pack(str(out), device=device)
         evaluation = evaluate_restorer(restorer, lq[:n_eval], gt[:n_eval])
     stages = {
         "prior": prior_summary,
@@ -287,11 +298,13 @@ def train_starter(
         f"{plan.degrade_resolution} px)",
         notes=notes,
         excluded_sources=tuple(kw.get("exclude", ())) or None,
-        hardware=_hardware(),
+        hardware=_hardware(device),
         quick=quick,
     )
     (out / "MODEL_CARD.md").write_text(render_card(facts))
-    short = "Starter pack: small networks trained on CPU at 64 px; see MODEL_CARD.md (research use only)."
+    where = "a GPU" if torch.device(device).type == "cuda" else "CPU"
+    short = f"Starter pack: small networks trained on {where} at {resolution} px; see MODEL_CARD.md"
+    short += " (research use only)."
     uri = write(sampler, short)
     report = StarterReport(
         manifest_uri=uri,
@@ -382,6 +395,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         "--vgg16", default=None, help="torchvision vgg16-397923af.pth: adds DISTS to DGSA's loss"
     )
     parser.add_argument("--dists-head", default=None, help="DISTS weights.pt (default: dists-pytorch's)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="every stage's steps times this (GPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.check:
@@ -400,6 +415,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         reuse_prior=args.reuse_prior,
         vgg16=args.vgg16,
         dists_head=args.dists_head,
+        device=args.device,
+        steps_scale=args.steps_scale,
     )
     print(json.dumps(_report_json(report), indent=1))
     return 0
