@@ -109,9 +109,7 @@ def guided_step_x0(
         with torch.no_grad():
             out = nets.prior(x_t, t)
             x0_t = diffusion.predict_xstart(x_t, index, out[:, :3])
-            sqrt_ab = torch.as_tensor(diffusion.sqrt_alphas_cumprod, dtype=x0.dtype)[index.cpu()].to(
-                x0.device
-            )
+            sqrt_ab = torch.as_tensor(diffusion.sqrt_alphas_cumprod, dtype=x0.dtype, device=x0.device)[index]
             grad = closed_form_gradient(x0_t, targets, t, sqrt_ab)
     else:
         raise ValueError(f"unknown guidance mode {config.mode!r}")
