@@ -428,3 +428,21 @@ def test_pair_pool_degrades_at_source_size_and_flips_pairs_together() -> None:
         flipped = not np.array_equal(b, pool.gt[i])
         matches = [j for j in range(6) if np.array_equal(a, pool.lq[j][:, ::-1] if flipped else pool.lq[j])]
         assert matches and all(j // 3 == i // 3 for j in matches)
+
+
+@pytest.mark.data
+def test_utkface_crops_realign_but_fill_little_of_the_ffhq_frame(data_dir: Path) -> None:
+    """The documented reason for excluding UTKFace: realigned, a crop shows ~40 % original pixels."""
+    from dynface.train.data import HQ_FOLDER, UTKFACE_SOURCE, realign_tight_crop
+
+    files = sorted((data_dir / HQ_FOLDER / UTKFACE_SOURCE).glob("*.jpg"))[::500][:4]
+    assert files
+    for path in files:
+        out = realign_tight_crop(np.asarray(Image.open(path).convert("RGB")), 128)
+        assert out is not None and out.crop.shape == (128, 128, 3) and out.crop.dtype == np.uint8
+        assert 0.25 < out.coverage < 0.6
+    # An FFHQ-framed face is already on the template: nearly the whole crop shows the image.
+    ffhq = sorted((data_dir / HQ_FOLDER / "yangxy__GPEN").glob("*.png"))[0]
+    small = np.asarray(Image.open(ffhq).convert("RGB").resize((256, 256)))
+    framed = realign_tight_crop(small, 128)
+    assert framed is not None and framed.coverage > 0.95

@@ -3,8 +3,11 @@
 Framing decision (shared/data/README.md): the CelebA-HQ/FFHQ/PGDiff crops share FFHQ framing (face centred,
 hair included), which is also how `lq_real_aligned` and our own aligner (dynface.faces) crop faces. The
 UTKFace crops are framed much tighter; mixing them in would teach the prior a second, zoomed-in face
-layout that inference never sees. The starter pack therefore trains on the FFHQ-framed files only and
-excludes the UTKFace folder (`EXCLUDED_SOURCES`); callers may pass `exclude=()` to use everything.
+layout that inference never sees. Re-aligning them with our own aligner (`realign_tight_crop`) does not
+rescue them: the original pixels cover only ~39 % of the FFHQ-framed crop (35–46 % on 40 crops sampled
+by `scripts/measure_utk_coverage.py`), the rest would be padding. The starter pack therefore trains on
+the FFHQ-framed files only and excludes the UTKFace folder (`EXCLUDED_SOURCES`); callers may pass
+`exclude=()` to use everything.
 
 Held-out split (fixed, independent of the framing choice): every file whose sha256 (of the file bytes,
 as listed in MANIFEST.csv) starts with '0' or '1' is held out from all training (~1/8 of the files).
@@ -77,6 +80,36 @@ def list_faces(data_dir: Path | str, *, exclude: Sequence[str] = EXCLUDED_SOURCE
     if not faces:
         raise ValueError(f"no face images found under {root}")
     return sorted((f for f in faces if f.source not in exclude), key=lambda f: f.file)
+
+
+@dataclass(frozen=True, eq=False)
+class Realigned:
+    """crop: (size, size, 3) uint8 on our FFHQ template; coverage: share of the crop that shows the
+    original image (the rest is its reflection)."""
+
+    crop: np.ndarray
+    coverage: float
+
+
+def realign_tight_crop(rgb: np.ndarray, size: int) -> Realigned | None:
+    """Re-frame a tightly cropped face (H, W, 3) uint8 to our template: reflect-pad by half its size so
+    the detector sees a margin, take the detected face nearest the centre (the padding mirrors faces
+    too), align it with `dynface.faces`. None when no face is found."""
+    from dynface.faces import DetectorConfig, alignment_transform, detect_faces, warp_affine
+
+    h, w = rgb.shape[:2]
+    pad = max(h, w) // 2
+    padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    faces = detect_faces(padded, DetectorConfig(upsample_small=False, score_threshold=0.0))
+    if not faces:
+        return None
+    centre = np.array([padded.shape[1], padded.shape[0]]) / 2
+    face = min(faces, key=lambda f: float(np.linalg.norm(f.landmarks.mean(0) - centre)))
+    affine = alignment_transform(face.landmarks, size)
+    inside = np.zeros_like(padded)
+    inside[pad : pad + h, pad : pad + w] = 255
+    coverage = float((warp_affine(inside, affine, (size, size))[..., 0] > 127).mean())
+    return Realigned(crop=warp_affine(padded, affine, (size, size)), coverage=coverage)
 
 
 def is_held_out(face: FaceFile) -> bool:

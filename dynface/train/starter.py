@@ -30,7 +30,14 @@ from dynface.paths import shared_dir
 from dynface.restorer import Restorer
 from dynface.train.card import CardFacts, render_card
 from dynface.train.common import LoopResult
-from dynface.train.data import FaceFile, build_pair_pool, list_faces, load_faces, split_faces
+from dynface.train.data import (
+    EXCLUDED_SOURCES,
+    FaceFile,
+    build_pair_pool,
+    list_faces,
+    load_faces,
+    split_faces,
+)
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
 from dynface.train.evaluate import EvalResult, degraded_eval_set, evaluate_restorer
 from dynface.train.plan import StarterPlan, starter_plan, with_loop, with_steps_scale
@@ -297,7 +304,7 @@ def train_starter(
         pool=f"{pool.lq.shape[0]} pairs ({plan.pool_per_image} per training face, degraded at "
         f"{plan.degrade_resolution} px)",
         notes=notes,
-        excluded_sources=tuple(kw.get("exclude", ())) or None,
+        excluded_sources=tuple(EXCLUDED_SOURCES if exclude_sources is None else exclude_sources) or None,
         hardware=_hardware(device),
         quick=quick,
     )
