@@ -108,9 +108,12 @@ def starter_plan(
             # The input residual starts RM at the identity: a briefly trained RM without it stayed
             # below the LQ input (MODEL_CARD history).
             swinir=swinir_config(resolution, embed_dim=60, depths=(4, 4), image_residual=True),
-            steps=2000,
+            # lr 1e-3 reached in ~1,150 steps what 2e-4 reached in ~3,100 (10-minute CPU trials, issue
+            # notes); the budget usually stops this stage before the step count on a CPU.
+            steps=6000,
             batch_size=8,
-            lr=2e-4,
+            lr=1e-3,
+            warmup=100,
             loop=_loop(seed, budget("rm"), 100, progress),
         ),
         sde=SDETrainConfig(
