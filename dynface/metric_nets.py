@@ -10,7 +10,6 @@ torchvision and nothing is ever downloaded (spec section 7.2, 7.5).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -150,12 +149,20 @@ class ArcFaceIdentity:
         """N (H, W, 3) RGB faces (see `arcface_input`) -> (N, 512) float64 embeddings."""
         return self.net(arcface_input(images).to(self.device)).double().cpu().numpy()
 
+    def angles(
+        self, images: Sequence[np.ndarray], refs: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(radians, degrees), each (N,): arccos of the cosine between the embeddings of images[i] and
+        refs[i]."""
+        a, b = self.embed(images), self.embed(refs)
+        cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        rad = np.arccos(np.clip(cos, -1.0, 1.0))
+        return rad, np.degrees(rad)
+
     def angle(self, img: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-        """(radians, degrees) between the embeddings of `img` and `ref`: arccos of their cosine."""
-        a, b = self.embed([img, ref])
-        cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-        rad = math.acos(min(1.0, max(-1.0, cos)))
-        return rad, math.degrees(rad)
+        """(radians, degrees) between the embeddings of `img` and `ref`."""
+        rad, deg = self.angles([img], [ref])
+        return float(rad[0]), float(deg[0])
 
 
 def _load_strict(net: nn.Module, state: dict[str, Tensor], source: str, ignore: tuple[str, ...] = ()) -> None:

@@ -107,6 +107,10 @@ def load_vgg16_features(path_or_uri: str, *, sha256: str | None = None) -> VGG16
     return net.eval().requires_grad_(False)
 
 
+def _trunk(vgg16: str | VGG16Features, sha256: str | None) -> VGG16Features:
+    return vgg16 if isinstance(vgg16, VGG16Features) else load_vgg16_features(vgg16, sha256=sha256)
+
+
 def default_head_path(kind: HeadKind) -> str | None:
     """The head file inside an installed `lpips` / `dists-pytorch` package (not imported), or None."""
     package, rel = _HEAD_FILES[kind]
@@ -142,13 +146,16 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1))
 
     @classmethod
-    def from_files(cls, vgg16: str, head: str | None = None, *, vgg16_sha256: str | None = None) -> LPIPS:
+    def from_files(
+        cls, vgg16: str | VGG16Features, head: str | None = None, *, vgg16_sha256: str | None = None
+    ) -> LPIPS:
+        """`vgg16`: torchvision's VGG16 file, or a trunk already loaded (shared with DISTS)."""
         state = load_state_dict(_head_path("lpips", head))
         try:
             lins = [state[f"lin{k}.model.1.weight"] for k in range(5)]
         except KeyError as exc:
             raise ValueError(f"not LPIPS v0.1 VGG linear weights (missing {exc})") from exc
-        return cls(load_vgg16_features(vgg16, sha256=vgg16_sha256), lins).eval()
+        return cls(_trunk(vgg16, vgg16_sha256), lins).eval()
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         fx = self.vgg.taps((x * 2 - 1 - self.shift) / self.scale)
@@ -178,11 +185,14 @@ class DISTS(nn.Module):
         self.channels = channels
 
     @classmethod
-    def from_files(cls, vgg16: str, head: str | None = None, *, vgg16_sha256: str | None = None) -> DISTS:
+    def from_files(
+        cls, vgg16: str | VGG16Features, head: str | None = None, *, vgg16_sha256: str | None = None
+    ) -> DISTS:
+        """`vgg16`: torchvision's VGG16 file, or a trunk already loaded (shared with LPIPS)."""
         state = load_state_dict(_head_path("dists", head))
         if "alpha" not in state or "beta" not in state:
             raise ValueError("not DISTS weights (need 'alpha' and 'beta')")
-        return cls(load_vgg16_features(vgg16, sha256=vgg16_sha256), state["alpha"], state["beta"]).eval()
+        return cls(_trunk(vgg16, vgg16_sha256), state["alpha"], state["beta"]).eval()
 
     def _features(self, x: Tensor) -> list[Tensor]:
         return [x, *self.vgg.taps((x - self.mean) / self.std, pooling="l2")]

@@ -17,7 +17,7 @@ import numpy as np
 
 from dynface.metric_nets import ArcFaceIdentity
 from dynface.metrics import FeatureExtractor, inception_extractor
-from dynface.perceptual import DISTS, LPIPS, score_images
+from dynface.perceptual import DISTS, LPIPS, load_vgg16_features, score_images
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,12 @@ class SuppliedMetrics:
     def load(cls, weights: MetricWeights | None) -> SuppliedMetrics:
         if weights is None:
             return cls()
+        vgg = load_vgg16_features(weights.vgg16) if weights.vgg16 else None  # one trunk for both metrics
         return cls(
             arcface=ArcFaceIdentity.from_file(weights.arcface) if weights.arcface else None,
             extractor=inception_extractor(weights.fid_inception) if weights.fid_inception else None,
-            lpips=LPIPS.from_files(weights.vgg16, weights.lpips_head) if weights.vgg16 else None,
-            dists=DISTS.from_files(weights.vgg16, weights.dists_head) if weights.vgg16 else None,
+            lpips=LPIPS.from_files(vgg, weights.lpips_head) if vgg is not None else None,
+            dists=DISTS.from_files(vgg, weights.dists_head) if vgg is not None else None,
         )
 
     @property
@@ -63,10 +64,7 @@ class SuppliedMetrics:
         """{column: (N,) values} for N restored faces against their references (same sizes)."""
         out: dict[str, np.ndarray] = {}
         if self.arcface is not None:
-            a, b = self.arcface.embed(images), self.arcface.embed(refs)
-            cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            rad = np.arccos(np.clip(cos, -1.0, 1.0))
-            out["ida_rad"], out["ida_deg"] = rad, np.degrees(rad)
+            out["ida_rad"], out["ida_deg"] = self.arcface.angles(images, refs)
         if self.lpips is not None:
             out["lpips"] = score_images(self.lpips, list(images), list(refs)).astype(np.float64)
         if self.dists is not None:

@@ -3,6 +3,7 @@ the flows and the command line)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -137,16 +138,17 @@ def starter_plan(
     )
 
 
+STAGES = ("prior", "rm", "sde", "se", "dgsa")
+
+
+def _each_stage(plan: StarterPlan, change: Callable[[Any], Any]) -> StarterPlan:
+    """The same plan with every stage's training config passed through `change`."""
+    return replace(plan, **{name: change(getattr(plan, name)) for name in STAGES})
+
+
 def with_loop(plan: StarterPlan, **changes: Any) -> StarterPlan:
     """The same plan with `changes` (LoopConfig fields, e.g. seed=1, device="cuda") in every stage's loop."""
-    return replace(
-        plan,
-        prior=replace(plan.prior, loop=replace(plan.prior.loop, **changes)),
-        rm=replace(plan.rm, loop=replace(plan.rm.loop, **changes)),
-        sde=replace(plan.sde, loop=replace(plan.sde.loop, **changes)),
-        se=replace(plan.se, loop=replace(plan.se.loop, **changes)),
-        dgsa=replace(plan.dgsa, loop=replace(plan.dgsa.loop, **changes)),
-    )
+    return _each_stage(plan, lambda stage: replace(stage, loop=replace(stage.loop, **changes)))
 
 
 def with_steps_scale(plan: StarterPlan, factor: float) -> StarterPlan:
@@ -154,15 +156,4 @@ def with_steps_scale(plan: StarterPlan, factor: float) -> StarterPlan:
     budget, which still stops each stage (`budget_minutes`)."""
     if factor <= 0:
         raise ValueError("steps_scale must be > 0")
-
-    def scaled(stage: Any) -> Any:
-        return replace(stage, steps=max(1, round(stage.steps * factor)))
-
-    return replace(
-        plan,
-        prior=scaled(plan.prior),
-        rm=scaled(plan.rm),
-        sde=scaled(plan.sde),
-        se=scaled(plan.se),
-        dgsa=scaled(plan.dgsa),
-    )
+    return _each_stage(plan, lambda stage: replace(stage, steps=max(1, round(stage.steps * factor))))
