@@ -71,9 +71,12 @@ def train_starter_flow(
     reuse_prior: str | None = None,
     vgg16: str | None = None,
     steps_scale: float = 1.0,
+    stage_steps: dict[str, int] | None = None,
+    stage_minutes: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Every stage in order, then the pack (dynface.train.starter.train_starter); `reuse_prior`: a pack
-    folder whose prior is taken instead of training one; `vgg16`: VGG16 weights, adds DISTS to DGSA's loss."""
+    folder whose prior is taken instead of training one; `vgg16`: VGG16 weights, adds DISTS to DGSA's loss;
+    `stage_steps` / `stage_minutes`: one stage's steps / total minutes, e.g. {"prior": 6000}."""
     import torch
 
     torch.set_num_threads(threads)
@@ -90,6 +93,8 @@ def train_starter_flow(
         vgg16=vgg16,
         device=device,
         steps_scale=steps_scale,
+        stage_steps=stage_steps,
+        stage_minutes=stage_minutes,
     )
     return {
         "manifest": report.manifest_uri,

@@ -297,7 +297,7 @@ def _write_faces(folder: Path, n: int, size: int) -> None:
 
 
 def test_plan_loop_and_step_helpers() -> None:
-    from dynface.train.plan import starter_plan, with_loop, with_steps_scale
+    from dynface.train.plan import parse_stage_values, starter_plan, with_loop, with_stage, with_steps_scale
 
     plan = starter_plan(64)
     moved = with_loop(plan, device="cuda", seed=7)
@@ -310,6 +310,16 @@ def test_plan_loop_and_step_helpers() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError):
         with_steps_scale(plan, 0)
+    continued = with_stage(plan, "prior", steps=6000, budget_minutes=130)
+    assert continued.prior.steps == 6000 and continued.prior.loop.budget_s == 130 * 60
+    assert continued.rm == plan.rm and continued.prior.unet == plan.prior.unet
+    assert with_stage(plan, "rm", budget_minutes=5).rm.steps == plan.rm.steps
+    with pytest.raises(ValueError):
+        with_stage(plan, "vae", steps=10)
+    assert parse_stage_values(["prior=6000", "rm=9000"], int) == {"prior": 6000, "rm": 9000}
+    for bad in (["prior"], ["vae=3"]):
+        with pytest.raises(ValueError):
+            parse_stage_values(bad, int)
 
 
 def test_split_rule_uses_sha256_prefixes(tmp_path: Path) -> None:
@@ -348,6 +358,7 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
     held = [f.file for f in split_faces(list_faces(data))[1]]
     assert (out / "holdout.txt").read_text().split() == sorted(held)
     assert "## Ablation" in (out / "MODEL_CARD.md").read_text()
+    assert "trained from scratch on a CPU" in (out / "MODEL_CARD.md").read_text()
     face = (_faces(1, 32, seed=9)[0] * 255).astype(np.uint8)
     result = Restorer.from_pack(str(out), device="cpu").restore([face])[0]
     assert result.image.shape == (32, 32, 3) and result.image.dtype == np.uint8
@@ -359,10 +370,12 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
     again = train_starter(
         tmp_path / "pack2", resolution=32, quick=True, data_dir=data, work_dir=tmp_path / "work2",
         progress=False, tune_faces=1, eval_faces=2, scales=(1.0,), reuse_prior=out, steps_scale=2.0,
+        stage_steps={"dgsa": 5},
         vgg16=_random_vgg16_file(tmp_path / "vgg16.pth") if default_head_path("dists") else None,
     )  # fmt: skip
     assert again.stages["prior"]["reused_from"] == "pack"
     assert again.stages["rm"]["steps"] == 2 * report.stages["rm"]["steps"]
+    assert again.stages["dgsa"]["steps"] == 5  # one stage's steps replaced after the scale
     assert again.stages["prior"]["steps"] == report.stages["prior"]["steps"]
     second = load_pack(str(tmp_path / "pack2"))
     card = (tmp_path / "pack2" / "MODEL_CARD.md").read_text()

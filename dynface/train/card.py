@@ -33,6 +33,7 @@ class CardFacts:
     excluded_sources: tuple[str, ...] | None
     hardware: str
     quick: bool
+    on_gpu: bool = False  # trained on a GPU (hardware names it)
     notes: tuple[str, ...] = ()
     dgsa_dists_weight: float | None = None  # None: no VGG16 weights supplied, SWT-only loss
 
@@ -94,20 +95,17 @@ def _dgsa_loss_lines(dists_weight: float | None) -> list[str]:
     ]
 
 
-def _where(hardware: str) -> str:
-    return "a GPU" if " GPU (training)" in hardware else "a CPU"
-
-
 def render_card(facts: CardFacts) -> str:
     s = facts.stages
     total_s = sum(v["elapsed_s"] for v in s.values())
     res = facts.resolution
+    where = "a GPU" if facts.on_gpu else "a CPU"
     prefixes = " or ".join(repr(p) for p in HOLDOUT_PREFIXES)
     lines = [
         "# DynFace `starter` pack",
         "",
         "Small networks for every component of DynFaceRestore (prior, RM, SE = TM + SDE, DGSA, DSST",
-        f"table), trained from scratch on {_where(facts.hardware)} at {res}×{res}. It exists so the whole",
+        f"table), trained from scratch on {where} at {res}×{res}. It exists so the whole",
         "method runs end to end on a laptop; it is **not** a competitive face restorer (see Known limits).",
         "**Research/non-commercial use only** (training data licences below).",
         "",

@@ -157,3 +157,32 @@ def with_steps_scale(plan: StarterPlan, factor: float) -> StarterPlan:
     if factor <= 0:
         raise ValueError("steps_scale must be > 0")
     return _each_stage(plan, lambda stage: replace(stage, steps=max(1, round(stage.steps * factor))))
+
+
+def with_stage(
+    plan: StarterPlan, name: str, *, steps: int | None = None, budget_minutes: float | None = None
+) -> StarterPlan:
+    """The same plan with one stage's step count and/or time budget replaced — e.g. to continue a stage
+    from its checkpoint in the work dir for longer than the recipe's share of the budget allows (the
+    budget counts the stage's total time, earlier sessions included)."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    if steps is not None and steps < 1 or budget_minutes is not None and budget_minutes <= 0:
+        raise ValueError("a stage needs steps >= 1 and budget_minutes > 0")
+    stage = getattr(plan, name)
+    if steps is not None:
+        stage = replace(stage, steps=steps)
+    if budget_minutes is not None:
+        stage = replace(stage, loop=replace(stage.loop, budget_s=budget_minutes * 60))
+    return replace(plan, **{name: stage})
+
+
+def parse_stage_values(items: list[str], cast: Callable[[str], Any]) -> dict[str, Any]:
+    """Command-line `STAGE=VALUE` items (e.g. ["prior=6000"]) as {stage: cast(value)}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in STAGES:
+            raise ValueError(f"{item!r}: expected STAGE=VALUE with STAGE one of {', '.join(STAGES)}")
+        out[name] = cast(value)
+    return out

@@ -15,6 +15,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,14 @@ from dynface.train.data import (
 )
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
 from dynface.train.evaluate import EvalResult, degraded_eval_set, evaluate_restorer
-from dynface.train.plan import StarterPlan, starter_plan, with_loop, with_steps_scale
+from dynface.train.plan import (
+    StarterPlan,
+    parse_stage_values,
+    starter_plan,
+    with_loop,
+    with_stage,
+    with_steps_scale,
+)
 from dynface.train.prior import train_prior
 from dynface.train.restorer_net import train_rm
 from dynface.train.sde import train_sde
@@ -167,6 +175,8 @@ def train_starter(
     dists_head: str | None = None,
     device: str = "cpu",
     steps_scale: float = 1.0,
+    stage_steps: Mapping[str, int] | None = None,
+    stage_minutes: Mapping[str, float] | None = None,
 ) -> StarterReport:
     """Train every component and write the pack to `out_dir`.
 
@@ -180,7 +190,9 @@ def train_starter(
     prior is most of the cost, and the other stages depend on it only through DGSA. `vgg16`: torchvision's
     VGG16 file; with it DGSA's loss gets the DISTS term (head from `dists_head` or the dists-pytorch package).
     `device`: where every stage trains and the pack is checked ("cuda" on a GPU machine); `steps_scale`
-    multiplies every stage's step count (the budget still applies).
+    multiplies every stage's step count (the budget still applies). `stage_steps` / `stage_minutes`
+    replace single stages' step counts / total time budgets (after `steps_scale`), e.g. to continue a
+    stage whose checkpoint is in `work_dir` beyond its share of `budget_minutes`.
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -194,6 +206,10 @@ def train_starter(
         device=device,
     )
     plan = with_steps_scale(plan, steps_scale) if steps_scale != 1.0 else plan
+    for name in set(stage_steps or {}) | set(stage_minutes or {}):
+        plan = with_stage(
+            plan, name, steps=(stage_steps or {}).get(name), budget_minutes=(stage_minutes or {}).get(name)
+        )
     kw = {} if exclude_sources is None else {"exclude": exclude_sources}
     faces = list_faces(data, **kw)
     train_files, held_files = split_faces(faces)
@@ -306,6 +322,7 @@ def train_starter(
         notes=notes,
         excluded_sources=tuple(EXCLUDED_SOURCES if exclude_sources is None else exclude_sources) or None,
         hardware=_hardware(device),
+        on_gpu=torch.device(device).type == "cuda",
         quick=quick,
     )
     (out / "MODEL_CARD.md").write_text(render_card(facts))
@@ -404,6 +421,16 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dists-head", default=None, help="DISTS weights.pt (default: dists-pytorch's)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="every stage's steps times this (GPU)")
+    parser.add_argument(
+        "--stage-steps", action="append", default=[], metavar="STAGE=N", help="one stage's steps (repeatable)"
+    )
+    parser.add_argument(
+        "--stage-minutes",
+        action="append",
+        default=[],
+        metavar="STAGE=M",
+        help="one stage's total time budget in minutes, earlier runs in the work dir included (repeatable)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.check:
@@ -424,6 +451,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         dists_head=args.dists_head,
         device=args.device,
         steps_scale=args.steps_scale,
+        stage_steps=parse_stage_values(args.stage_steps, int),
+        stage_minutes=parse_stage_values(args.stage_minutes, float),
     )
     print(json.dumps(_report_json(report), indent=1))
     return 0
