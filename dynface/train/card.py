@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynface.dsst import DSSTTable
+from dynface.models.unet import build_unet
 from dynface.train.data import HOLDOUT_PREFIXES, FaceFile
 from dynface.train.evaluate import EvalResult
 from dynface.train.se import SETrainConfig
@@ -95,6 +96,10 @@ def _dgsa_loss_lines(dists_weight: float | None) -> list[str]:
     ]
 
 
+def _prior_millions(facts: CardFacts) -> float:
+    return sum(p.numel() for p in build_unet(facts.configs["prior"]).parameters()) / 1e6
+
+
 def render_card(facts: CardFacts) -> str:
     s = facts.stages
     total_s = sum(v["elapsed_s"] for v in s.values())
@@ -134,7 +139,7 @@ def render_card(facts: CardFacts) -> str:
         "## Training",
         "",
         f"Hardware: {facts.hardware}.",
-        f"Sum of stage times {_fmt_minutes(total_s)} (some stages ran in parallel processes).",
+        f"Sum of stage times {_fmt_minutes(total_s)}.",
         "",
         "| stage | steps | time | stopped by | final losses (mean of last 50 steps) |",
         "|---|---:|---:|---|---|",
@@ -186,10 +191,11 @@ def render_card(facts: CardFacts) -> str:
         "",
         "## Known limits",
         "",
-        f"- {res} px only; a prior of about 1.6 M parameters trained for well under an hour on a shared",
-        "  CPU: samples are blurry and identity is weak.",
-        "- About 200 training faces (mostly CelebA-HQ celebrities): little diversity in age, ethnicity,",
-        "  pose and lighting.",
+        f"- {res} px only; a prior of {_prior_millions(facts):.1f} M parameters trained "
+        f"{s['prior']['steps']:,} steps ({_fmt_minutes(s['prior']['elapsed_s'])})",
+        f"  on {where}: samples are blurry and identity is weak.",
+        f"- {len(facts.train_files)} training faces (sources in the Data table): little diversity in age,",
+        "  ethnicity, pose and lighting.",
         "- Degradations are synthetic (Gaussian/anisotropic blur, downscale, noise, JPEG); real old",
         "  photos (scratches, colour fading) are out of distribution.",
         "- Held-out faces come from the same datasets as the training faces (different images).",
