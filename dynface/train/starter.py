@@ -206,7 +206,7 @@ def train_starter(
         device=device,
     )
     plan = with_steps_scale(plan, steps_scale) if steps_scale != 1.0 else plan
-    for name in set(stage_steps or {}) | set(stage_minutes or {}):
+    for name in sorted(set(stage_steps or {}) | set(stage_minutes or {})):
         plan = with_stage(
             plan, name, steps=(stage_steps or {}).get(name), budget_minutes=(stage_minutes or {}).get(name)
         )
