@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynface.dsst import DSSTTable
-from dynface.models.unet import build_unet
 from dynface.train.data import HOLDOUT_PREFIXES, FaceFile
 from dynface.train.evaluate import EvalResult
 from dynface.train.se import SETrainConfig
@@ -34,6 +33,7 @@ class CardFacts:
     excluded_sources: tuple[str, ...] | None
     hardware: str
     quick: bool
+    prior_params: int  # parameters of the trained prior
     on_gpu: bool = False  # trained on a GPU (hardware names it)
     notes: tuple[str, ...] = ()
     dgsa_dists_weight: float | None = None  # None: no VGG16 weights supplied, SWT-only loss
@@ -94,10 +94,6 @@ def _dgsa_loss_lines(dists_weight: float | None) -> list[str]:
         "  loss = 1-level Haar SWT sub-band L1 (γ = 1, 1, 1, 1). **SWT only, no DISTS term**: no VGG16",
         "  weights were supplied (`--vgg16 vgg16-397923af.pth` adds the term).",
     ]
-
-
-def _prior_millions(facts: CardFacts) -> float:
-    return sum(p.numel() for p in build_unet(facts.configs["prior"]).parameters()) / 1e6
 
 
 def render_card(facts: CardFacts) -> str:
@@ -191,7 +187,7 @@ def render_card(facts: CardFacts) -> str:
         "",
         "## Known limits",
         "",
-        f"- {res} px only; a prior of {_prior_millions(facts):.1f} M parameters trained "
+        f"- {res} px only; a prior of {facts.prior_params / 1e6:.1f} M parameters trained "
         f"{s['prior']['steps']:,} steps ({_fmt_minutes(s['prior']['elapsed_s'])})",
         f"  on {where}: samples are blurry and identity is weak.",
         f"- {len(facts.train_files)} training faces (sources in the Data table): little diversity in age,",

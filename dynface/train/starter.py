@@ -30,7 +30,7 @@ from dynface.pack_writer import write_pack
 from dynface.paths import shared_dir
 from dynface.restorer import Restorer
 from dynface.train.card import CardFacts, render_card
-from dynface.train.common import LoopResult
+from dynface.train.common import LoopResult, count_params
 from dynface.train.data import (
     EXCLUDED_SOURCES,
     FaceFile,
@@ -127,12 +127,12 @@ def write_holdout(path: Path, held: list[FaceFile]) -> None:
     path.write_text("".join(f"{f.file}\n" for f in sorted(held, key=lambda f: f.file)))
 
 
-def _hardware(device: str) -> str:
+def _hardware(device: str, on_gpu: bool) -> str:
     cpu = (
         f"{platform.machine()} CPU ({os.cpu_count()} logical cores shared with other jobs), torch "
         f"{torch.__version__} with {torch.get_num_threads()} thread(s), Python {platform.python_version()}"
     )
-    if torch.device(device).type == "cuda":
+    if on_gpu:
         return f"{torch.cuda.get_device_name(torch.device(device))} GPU (training), host {cpu}"
     return cpu
 
@@ -195,6 +195,7 @@ def train_starter(
     stage whose checkpoint is in `work_dir` beyond its share of `budget_minutes`.
     """
     started = time.perf_counter()
+    on_gpu = torch.device(device).type == "cuda"
     out = Path(out_dir)
     data = Path(data_dir) if data_dir is not None else shared_dir() / "data"
     work = (
@@ -321,12 +322,13 @@ def train_starter(
         f"{plan.degrade_resolution} px)",
         notes=notes,
         excluded_sources=tuple(EXCLUDED_SOURCES if exclude_sources is None else exclude_sources) or None,
-        hardware=_hardware(device),
-        on_gpu=torch.device(device).type == "cuda",
+        hardware=_hardware(device, on_gpu),
+        prior_params=count_params(prior.model),
+        on_gpu=on_gpu,
         quick=quick,
     )
     (out / "MODEL_CARD.md").write_text(render_card(facts))
-    where = "a GPU" if torch.device(device).type == "cuda" else "CPU"
+    where = "a GPU" if on_gpu else "CPU"
     short = f"Starter pack: small networks trained on {where} at {resolution} px; see MODEL_CARD.md"
     short += " (research use only)."
     uri = write(sampler, short)
