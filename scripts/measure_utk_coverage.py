@@ -1,4 +1,4 @@
-"""How much of an FFHQ-framed crop a re-aligned UTKFace crop fills (why the starter excludes them).
+"""How much of an FFHQ-framed crop a re-aligned UTKFace crop fills (why the starter's prior excludes them).
 
 python scripts/measure_utk_coverage.py [N]      # N crops sampled evenly (default 40)
 """

@@ -19,7 +19,17 @@ from dynface.models.swinir import build_swinir
 from dynface.packs import load_pack
 from dynface.restorer import Restorer
 from dynface.train.common import LoopConfig, ema_update, warmup_cosine
-from dynface.train.data import build_pair_pool, list_faces, split_faces
+from dynface.train.data import (
+    UTKFACE_SOURCE,
+    build_file_pair_pool,
+    build_pair_pool,
+    extra_pool_faces,
+    is_held_out,
+    list_faces,
+    load_faces,
+    merge_pools,
+    split_faces,
+)
 from dynface.train.dgsa import DGSATrainConfig, FrozenNets, train_dgsa
 from dynface.train.prior import PriorTrainConfig, prior_config, train_prior
 from dynface.train.restorer_net import RMTrainConfig, swinir_config, train_rm
@@ -340,6 +350,9 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
 
     data = tmp_path / "data"
     _write_faces(data / "src", 12, 32)
+    _write_faces(data / UTKFACE_SOURCE, 6, 24)  # kept out of the prior, joins the RM/SE pool
+    extra = extra_pool_faces(list_faces(data, exclude=()), (UTKFACE_SOURCE,), list_faces(data))
+    assert extra and all(f.source == UTKFACE_SOURCE and not is_held_out(f) for f in extra)
     out = tmp_path / "pack"
     report = train_starter(
         out,
@@ -359,6 +372,10 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
     assert (out / "holdout.txt").read_text().split() == sorted(held)
     assert "## Ablation" in (out / "MODEL_CARD.md").read_text()
     assert "trained from scratch on a CPU" in (out / "MODEL_CARD.md").read_text()
+    assert (
+        f"| `{UTKFACE_SOURCE}` | {len(extra)} | RM and SE pairs only |" in (out / "MODEL_CARD.md").read_text()
+    )
+    assert f"{len(extra)} pairs (1 per face" in (out / "MODEL_CARD.md").read_text()
     face = (_faces(1, 32, seed=9)[0] * 255).astype(np.uint8)
     result = Restorer.from_pack(str(out), device="cpu").restore([face])[0]
     assert result.image.shape == (32, 32, 3) and result.image.dtype == np.uint8
@@ -441,6 +458,36 @@ def test_pair_pool_degrades_at_source_size_and_flips_pairs_together() -> None:
         flipped = not np.array_equal(b, pool.gt[i])
         matches = [j for j in range(6) if np.array_equal(a, pool.lq[j][:, ::-1] if flipped else pool.lq[j])]
         assert matches and all(j // 3 == i // 3 for j in matches)
+
+
+def test_file_pair_pool_matches_the_array_pool_and_pools_merge(tmp_path: Path) -> None:
+    _write_faces(tmp_path / "a", 3, 40)
+    faces = list_faces(tmp_path)
+    from_files = build_file_pair_pool(
+        tmp_path, faces, 16, per_image=2, seed=3, degrade_resolution=32, cache=False
+    )
+    from_array = build_pair_pool(
+        load_faces(tmp_path, faces, 32, cache=False), 16, per_image=2, seed=3, cache=False
+    )
+    np.testing.assert_array_equal(from_files.lq, from_array.lq)
+    np.testing.assert_array_equal(from_files.gt, from_array.gt)
+    other = build_pair_pool(_faces(1, 32, seed=8), 16, per_image=1, seed=0, cache=False)
+    merged = merge_pools(from_files, other)
+    assert merged.lq.shape == (7, 16, 16, 3)
+    np.testing.assert_array_equal(merged.gt[6], other.gt[0])
+    np.testing.assert_array_equal(merged.lq[:6], from_files.lq)
+
+
+def test_extra_pool_faces_are_training_split_files_not_yet_used(tmp_path: Path) -> None:
+    _write_faces(tmp_path / "main", 4, 16)
+    _write_faces(tmp_path / "extra", 40, 16)
+    everything = list_faces(tmp_path, exclude=())
+    train = split_faces(list_faces(tmp_path, exclude=("extra",)))[0]
+    extra = extra_pool_faces(everything, ("extra",), train)
+    expected = [f for f in everything if f.source == "extra" and not is_held_out(f)]
+    assert extra == expected and 0 < len(extra) < 40  # some of 40 random files are held out
+    # A source already trained on everywhere adds nothing twice.
+    assert extra_pool_faces(everything, ("main",), split_faces(everything)[0]) == []
 
 
 @pytest.mark.data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,16 +38,16 @@ class CardFacts:
     on_gpu: bool = False  # trained on a GPU (hardware names it)
     notes: tuple[str, ...] = ()
     dgsa_dists_weight: float | None = None  # None: no VGG16 weights supplied, SWT-only loss
+    extra_files: tuple[FaceFile, ...] = ()  # faces used only in the RM/SE pair pool
+    extra_pool: str = ""  # how those faces' pairs were made, e.g. "4738 pairs (2 per face, ...)"
 
 
-def _licences(files: list[FaceFile]) -> list[str]:
+def _licences(files: Sequence[FaceFile], used_for: str) -> list[str]:
     counts = Counter(f.source for f in files)
     licence = {f.source: f.licence for f in files}
     # Licence strings contain "|" separators: escape them so the Markdown table keeps its columns.
-    return [
-        f"| `{src}` | {n} | {(licence[src] or 'see the data folder').replace('|', chr(92) + '|')} |"
-        for src, n in sorted(counts.items())
-    ]
+    escaped = {src: (text or "see the data folder").replace("|", "\\|") for src, text in licence.items()}
+    return [f"| `{src}` | {n} | {used_for} | {escaped[src]} |" for src, n in sorted(counts.items())]
 
 
 def _fmt_minutes(seconds: float) -> str:
@@ -65,6 +66,11 @@ def _method_lines(facts: CardFacts) -> list[str]:
         f"- **RM**: SwinIR (embed {rc['embed_dim']}, depths {rc['depths']}{residual}), L1 loss.",
         "  Training pairs",
         f"  (RM, SE, DGSA): a fixed pool of {facts.pool} with DifFace ranges (spec §6.1);",
+        *(
+            [f"  RM and SE also draw from {facts.extra_pool} of the RM/SE-only faces (Data);"]
+            if facts.extra_pool
+            else []
+        ),
         f"  LQ and GT then resized to {facts.resolution} px, the way the Restorer sees real 512-px crops.",
         f"- **SDE**: pre-trained on (k_std ⊛ x0, std), std ~ U[{lo:.4g}, {hi:.4g}] px, L1 loss.",
         "- **SE = TM + SDE**: TM initialised from RM; loss",
@@ -116,18 +122,27 @@ def render_card(facts: CardFacts) -> str:
         f"starts with {prefixes}; names in `holdout.txt`, no images shipped).",
     ]
     if facts.excluded_sources:
+        extra = sorted({f.source for f in facts.extra_files})
         lines += [
-            f"Excluded: {', '.join(f'`{x}`' for x in facts.excluded_sources)}. The UTKFace crops are framed",
-            "much tighter than FFHQ/CelebA-HQ and our aligner's crops; re-aligned with `dynface.faces`",
-            "(`realign_tight_crop`), their pixels fill only ~39 % of the FFHQ-framed crop (35–46 %,",
-            "`scripts/measure_utk_coverage.py`), the rest would be padding: one FFHQ framing was kept.",
+            f"Excluded from the prior: {', '.join(f'`{x}`' for x in facts.excluded_sources)}. The UTKFace",
+            "crops are framed much tighter than FFHQ/CelebA-HQ and our aligner's crops; re-aligned with",
+            "`dynface.faces` (`realign_tight_crop`), their pixels fill only ~39 % of the FFHQ-framed crop",
+            "(35–46 %, `scripts/measure_utk_coverage.py`), the rest would be padding: the prior, DGSA and",
+            "the DSST table keep one FFHQ framing.",
         ]
+        if extra:
+            lines += [
+                f"The training-split files of {', '.join(f'`{x}`' for x in extra)} do train RM and SE",
+                "(local restoration and blur estimation, where framing matters little and more identities",
+                "help), as they are, without re-alignment.",
+            ]
     lines += [
         "Faces resized to the pack resolution with PIL bicubic (antialiased); random horizontal flips.",
         "",
-        "| source folder | training files | licence (MANIFEST.csv) |",
-        "|---|---:|---|",
-        *_licences(facts.train_files),
+        "| source folder | training files | used for | licence (MANIFEST.csv) |",
+        "|---|---:|---|---|",
+        *_licences(facts.train_files, "every stage"),
+        *_licences(facts.extra_files, "RM and SE pairs only"),
         "",
         "All sources are restricted to non-commercial research use (CelebA terms, FFHQ CC BY-NC-SA 4.0,",
         "research test sets). The weights derive from these images: do not use them commercially.",
@@ -190,8 +205,9 @@ def render_card(facts: CardFacts) -> str:
         f"- {res} px only; a prior of {facts.prior_params / 1e6:.1f} M parameters trained "
         f"{s['prior']['steps']:,} steps ({_fmt_minutes(s['prior']['elapsed_s'])})",
         f"  on {where}: samples are blurry and identity is weak.",
-        f"- {len(facts.train_files)} training faces (sources in the Data table): little diversity in age,",
-        "  ethnicity, pose and lighting.",
+        f"- {len(facts.train_files)} training faces for the prior (sources in the Data table; "
+        f"{len(facts.extra_files)} more for RM/SE):",
+        "  little diversity in age, ethnicity, pose and lighting.",
         "- Degradations are synthetic (Gaussian/anisotropic blur, downscale, noise, JPEG); real old",
         "  photos (scratches, colour fading) are out of distribution.",
         "- Held-out faces come from the same datasets as the training faces (different images).",

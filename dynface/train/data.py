@@ -5,9 +5,10 @@ hair included), which is also how `lq_real_aligned` and our own aligner (dynface
 UTKFace crops are framed much tighter; mixing them in would teach the prior a second, zoomed-in face
 layout that inference never sees. Re-aligning them with our own aligner (`realign_tight_crop`) does not
 rescue them: the original pixels cover only ~39 % of the FFHQ-framed crop (35–46 % on 40 crops sampled
-by `scripts/measure_utk_coverage.py`), the rest would be padding. The starter pack therefore trains on
-the FFHQ-framed files only and excludes the UTKFace folder (`EXCLUDED_SOURCES`); callers may pass
-`exclude=()` to use everything.
+by `scripts/measure_utk_coverage.py`), the rest would be padding. The starter's prior, DGSA and DSST
+table therefore train on the FFHQ-framed files only (`EXCLUDED_SOURCES`; callers may pass `exclude=()` to
+use everything). RM and SE, which restore and measure local structure, do train on the UTKFace crops as
+they are: `extra_pool_faces` picks their training-split files for the RM/SE pair pool (`StarterPlan`).
 
 Held-out split (fixed, independent of the framing choice): every file whose sha256 (of the file bytes,
 as listed in MANIFEST.csv) starts with '0' or '1' is held out from all training (~1/8 of the files).
@@ -19,7 +20,7 @@ import csv
 import dataclasses
 import hashlib
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,13 +229,36 @@ def build_pair_pool(
     `params_for_resolution` at 64 px does not: the two give very different LQ statistics. hflip/gray are
     drawn at sampling time (hflip) or not at all (gray). Cached in the system temp folder.
     """
-    key = hashlib.sha256(
-        hq[:, ::16, ::16].tobytes() + f"{hq.shape}|{resolution}|{per_image}|{seed}|{ranges}".encode()
-    ).hexdigest()[:24]
-    cache_path = Path(tempfile.gettempdir()) / "dynface_train_cache" / f"pool_{key}.npz"
-    if cache and cache_path.is_file():
-        with np.load(cache_path) as z:
-            return PairPool(lq=z["lq"], gt=z["gt"])
+    key = hq[:, ::16, ::16].tobytes() + f"{hq.shape}|{resolution}|{per_image}|{seed}|{ranges}".encode()
+    return _cached_pool(key, lambda: _degrade_faces(iter(hq), resolution, per_image, seed, ranges), cache)
+
+
+def build_file_pair_pool(
+    data_dir: Path | str,
+    faces: Sequence[FaceFile],
+    resolution: int,
+    *,
+    per_image: int,
+    seed: int,
+    degrade_resolution: int = 512,
+    ranges: DegradationRanges = DIFFACE_RANGES,
+    cache: bool = True,
+) -> PairPool:
+    """`build_pair_pool` for many files: each face is decoded at `degrade_resolution` only while it is
+    degraded (thousands of faces at 512 px would need gigabytes as one array). Cached like it, keyed by
+    the files' sha256s."""
+    if not faces:
+        raise ValueError("no faces to degrade")
+    key = (
+        "|".join(f.sha256 for f in faces) + f"|{degrade_resolution}|{resolution}|{per_image}|{seed}|{ranges}"
+    ).encode()
+    hq = (load_image(Path(data_dir) / f.file, degrade_resolution) for f in faces)
+    return _cached_pool(key, lambda: _degrade_faces(hq, resolution, per_image, seed, ranges), cache)
+
+
+def _degrade_faces(
+    hq: Iterator[np.ndarray], resolution: int, per_image: int, seed: int, ranges: DegradationRanges
+) -> PairPool:
     rng = np.random.default_rng(seed)
     plain = dataclasses.replace(ranges, hflip_prob=0.0, gray_prob=0.0)
     lqs, gts = [], []
@@ -244,13 +268,38 @@ def build_pair_pool(
             lq, _ = degrade_pair(face, sample_params(rng, plain), rng=rng)
             lqs.append(resize_bicubic(lq, resolution))
             gts.append(gt_small)
-    pool = PairPool(lq=np.stack(lqs), gt=np.stack(gts))
+    return PairPool(lq=np.stack(lqs), gt=np.stack(gts))
+
+
+def _cached_pool(key: bytes, make: Callable[[], PairPool], cache: bool) -> PairPool:
+    cache_path = (
+        Path(tempfile.gettempdir())
+        / "dynface_train_cache"
+        / f"pool_{hashlib.sha256(key).hexdigest()[:24]}.npz"
+    )
+    if cache and cache_path.is_file():
+        with np.load(cache_path) as z:
+            return PairPool(lq=z["lq"], gt=z["gt"])
+    pool = make()
     if cache:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp.npz")
         np.savez(tmp, lq=pool.lq, gt=pool.gt)
         tmp.replace(cache_path)
     return pool
+
+
+def merge_pools(first: PairPool, second: PairPool) -> PairPool:
+    """One pool holding the pairs of both (first's, then second's)."""
+    return PairPool(lq=np.concatenate([first.lq, second.lq]), gt=np.concatenate([first.gt, second.gt]))
+
+
+def extra_pool_faces(
+    faces: Sequence[FaceFile], sources: Sequence[str], train: Sequence[FaceFile]
+) -> list[FaceFile]:
+    """The training-split files of `sources` among `faces` that are not already in `train` (sorted)."""
+    taken = {f.file for f in train}
+    return [f for f in split_faces(faces)[0] if f.source in sources and f.file not in taken]
 
 
 def draw_pairs(

@@ -34,9 +34,12 @@ from dynface.train.common import LoopResult, count_params
 from dynface.train.data import (
     EXCLUDED_SOURCES,
     FaceFile,
+    build_file_pair_pool,
     build_pair_pool,
+    extra_pool_faces,
     list_faces,
     load_faces,
+    merge_pools,
     split_faces,
 )
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
@@ -229,11 +232,28 @@ def train_starter(
         per_image=plan.pool_per_image,
         seed=seed,
     )
-    rm = train_rm(images, work / "rm", plan.rm, pool=pool)
+    # Faces kept out of the prior (framing) still train RM and SE; their pool gets its own seed.
+    extra_files = extra_pool_faces(list_faces(data, exclude=()), plan.extra_pool_sources, train_files)
+    restore_pool = pool
+    if extra_files and plan.extra_pool_per_image > 0:
+        extra = build_file_pair_pool(
+            data,
+            extra_files,
+            resolution,
+            per_image=plan.extra_pool_per_image,
+            seed=seed + 1,
+            degrade_resolution=plan.degrade_resolution,
+        )
+        restore_pool = merge_pools(pool, extra)
+    else:
+        extra_files = []
+    rm = train_rm(images, work / "rm", plan.rm, pool=restore_pool)
     sde = train_sde(images, work / "sde", plan.sde)
     tm = build_swinir(plan.rm.swinir)
     tm.load_state_dict(rm.model.state_dict())
-    se: SEResult = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=pool)
+    se: SEResult = train_se(
+        images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=restore_pool
+    )
     dsst = build_starter_dsst(images, plan, source=f"{len(train_files)} training faces ({data.name})")
     plot_dsst_table(dsst, str(work / "dsst.png"))
     nets = FrozenNets(
@@ -322,6 +342,13 @@ def train_starter(
         f"{plan.degrade_resolution} px)",
         notes=notes,
         excluded_sources=tuple(EXCLUDED_SOURCES if exclude_sources is None else exclude_sources) or None,
+        extra_files=tuple(extra_files),
+        extra_pool=(
+            f"{restore_pool.lq.shape[0] - pool.lq.shape[0]} pairs ({plan.extra_pool_per_image} per face, "
+            f"degraded at {plan.degrade_resolution} px, numpy seed {seed + 1})"
+            if extra_files
+            else ""
+        ),
         hardware=_hardware(device, on_gpu),
         prior_params=count_params(prior.model),
         on_gpu=on_gpu,
