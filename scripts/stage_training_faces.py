@@ -6,6 +6,10 @@ MANIFEST.csv rows into a folder that can travel to a lent GPU machine (`benchmar
 The copy keeps the data folder's layout, so `--data-dir out/train_faces` selects the same faces and the
 same held-out split (sha256 rule) as `../shared/data`. The images are research/non-commercial material:
 the folder must never be committed (it lives under the ignored `out/`).
+
+The UTKFace crops that the recipe adds to RM/SE's pair pool (`StarterPlan.extra_pool_sources`) are not
+staged: with them the folder would be ~64 MiB, the most the device tool carries. A pack trained from this
+folder therefore trains RM and SE on the FFHQ-framed faces only, and its card's data table says so.
 """
 
 from __future__ import annotations
