@@ -118,7 +118,9 @@ def render_card(facts: CardFacts) -> str:
         "",
         "## Data",
         "",
-        f"{len(facts.train_files)} training faces; {facts.n_holdout} held out (every file whose sha256",
+        f"{len(facts.train_files)} training faces"
+        + (f" (and {len(facts.extra_files)} for RM and SE only)" if facts.extra_files else "")
+        + f"; {facts.n_holdout} held out (every file whose sha256",
         f"starts with {prefixes}; names in `holdout.txt`, no images shipped).",
     ]
     if facts.excluded_sources:
