@@ -366,12 +366,11 @@ def inception_extractor(
     def features(images: list[np.ndarray]) -> np.ndarray:
         out = []
         for i in range(0, len(images), batch_size):
-            chunk = [
-                torch.from_numpy(img).permute(2, 0, 1).float() / 255.0 for img in images[i : i + batch_size]
-            ]
+            # torch.tensor copies: the images may be read-only numpy views.
+            chunk = [torch.tensor(img).permute(2, 0, 1).float() / 255.0 for img in images[i : i + batch_size]]
             if len({tuple(t.shape) for t in chunk}) > 1:
                 raise ValueError("images in one FID batch must share a size")
-            x = torch.stack(chunk).to(device).float() / 255.0
+            x = torch.stack(chunk).to(device)  # [0, 1], as pytorch-fid feeds its InceptionV3
             out.append(net(x).double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 2048))
 

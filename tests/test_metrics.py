@@ -328,6 +328,12 @@ def test_fid_inception_architecture_and_loader(tmp_path):
     imgs = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
     feats = extractor(imgs)
     assert feats.shape == (3, 2048) and np.all(feats >= 0.0)  # averages of ReLU outputs
+    # pytorch-fid's preprocessing: uint8 -> [0, 1] once (the network maps it to [-1, 1] itself).
+    with torch.no_grad():
+        direct = (
+            net.eval()(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0).double().numpy()
+        )
+    np.testing.assert_allclose(feats, direct, rtol=1e-5, atol=1e-6)
     assert "inception" in extractor.name
     value, name = fid(imgs, imgs, extractor)
     assert value == pytest.approx(0.0, abs=1e-6) and name == extractor.name
