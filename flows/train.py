@@ -3,27 +3,42 @@
 Thin wrappers over `dynface.train`: every flow takes plain parameters (paths, numbers), trains or resumes
 in `work_dir/<stage>` and returns a JSON-ready summary. Component flows that need earlier stages (SE needs
 RM and SDE, DGSA needs prior, RM, SE and the DSST table) reload those stages' finished checkpoints from the
-same `work_dir`, so run them in the recipe's order or use `train-starter`.
+same `work_dir`, so run them in the recipe's order or use `train-starter`. RM, SE and DGSA train on the
+recipe's pair pools (`recipe_pools`), as in `train-starter`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow
 
 from dynface.models.swinir import build_swinir
 from dynface.paths import shared_dir
 from dynface.train.common import LoopResult
-from dynface.train.data import list_faces, load_faces, split_faces
+from dynface.train.data import FaceFile, list_faces, load_faces, split_faces
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
 from dynface.train.plan import StarterPlan, starter_plan, with_loop
 from dynface.train.prior import train_prior
 from dynface.train.restorer_net import train_rm
 from dynface.train.sde import train_sde
 from dynface.train.se import train_se
-from dynface.train.starter import build_starter_dsst, train_starter
+from dynface.train.starter import RecipePools, build_starter_dsst, recipe_pools, train_starter
+
+
+@dataclass(frozen=True, eq=False)
+class _Setup:
+    plan: StarterPlan
+    images: np.ndarray  # training faces at the pack resolution
+    data: Path
+    train_files: list[FaceFile]
+    seed: int
+
+    def pools(self) -> RecipePools:
+        return recipe_pools(self.data, self.train_files, self.plan, self.seed)
 
 
 def _setup(
@@ -34,7 +49,7 @@ def _setup(
     seed: int,
     threads: int,
     device: str = "cpu",
-) -> tuple[StarterPlan, Any]:
+) -> _Setup:
     import torch
 
     torch.set_num_threads(threads)
@@ -45,7 +60,7 @@ def _setup(
     )
     data = Path(data_dir) if data_dir else shared_dir() / "data"
     train_files, _ = split_faces(list_faces(data))
-    return plan, load_faces(data, train_files, resolution)
+    return _Setup(plan, load_faces(data, train_files, resolution), data, train_files, seed)
 
 
 def _summary(result: LoopResult) -> dict[str, Any]:
@@ -115,8 +130,8 @@ def train_prior_flow(
     threads: int = 1,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
-    return _summary(train_prior(images, Path(work_dir) / "prior", plan.prior))
+    s = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
+    return _summary(train_prior(s.images, Path(work_dir) / "prior", s.plan.prior))
 
 
 @flow(name="train-rm")
@@ -130,8 +145,8 @@ def train_rm_flow(
     threads: int = 1,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
-    return _summary(train_rm(images, Path(work_dir) / "rm", plan.rm))
+    s = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
+    return _summary(train_rm(s.images, Path(work_dir) / "rm", s.plan.rm, pool=s.pools().restore))
 
 
 @flow(name="train-sde")
@@ -145,8 +160,8 @@ def train_sde_flow(
     threads: int = 1,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
-    return _summary(train_sde(images, Path(work_dir) / "sde", plan.sde))
+    s = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
+    return _summary(train_sde(s.images, Path(work_dir) / "sde", s.plan.sde))
 
 
 @flow(name="train-se")
@@ -161,13 +176,13 @@ def train_se_flow(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Needs finished RM and SDE stages in `work_dir`."""
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
-    work = Path(work_dir)
-    rm = train_rm(images, work / "rm", plan.rm)
+    s = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
+    plan, images, work, pool = s.plan, s.images, Path(work_dir), s.pools().restore
+    rm = train_rm(images, work / "rm", plan.rm, pool=pool)
     sde = train_sde(images, work / "sde", plan.sde)
     tm = build_swinir(plan.rm.swinir)
     tm.load_state_dict(rm.model.state_dict())
-    result = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm)
+    result = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=pool)
     return {**_summary(result.loop), "tau": result.tau}
 
 
@@ -185,17 +200,19 @@ def train_dgsa_flow(
 ) -> dict[str, Any]:
     """Needs finished prior, RM, SDE and SE stages in `work_dir`; builds the DSST table itself.
     `vgg16`: VGG16 weights, adds the DISTS term to the loss."""
-    plan, images = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
-    work = Path(work_dir)
+    s = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
+    plan, images, work, pools = s.plan, s.images, Path(work_dir), s.pools()
     prior = train_prior(images, work / "prior", plan.prior)
-    rm = train_rm(images, work / "rm", plan.rm)
+    rm = train_rm(images, work / "rm", plan.rm, pool=pools.restore)
     sde = train_sde(images, work / "sde", plan.sde)
     tm = build_swinir(plan.rm.swinir)
     tm.load_state_dict(rm.model.state_dict())
-    se = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm)
+    se = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=pools.restore)
     dsst = build_starter_dsst(images, plan, source="training faces")
     nets = FrozenNets(
         prior=prior.model, rm=rm.model, se=se.se, dsst=dsst, std_range=plan.std_range, resolution=resolution
     )
     perceptual = dists_loss(vgg16) if vgg16 else None
-    return _summary(train_dgsa(images, work / "dgsa", plan.dgsa, nets=nets, perceptual=perceptual))
+    return _summary(
+        train_dgsa(images, work / "dgsa", plan.dgsa, nets=nets, pool=pools.base, perceptual=perceptual)
+    )

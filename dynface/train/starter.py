@@ -34,6 +34,7 @@ from dynface.train.common import LoopResult, count_params
 from dynface.train.data import (
     EXCLUDED_SOURCES,
     FaceFile,
+    PairPool,
     build_file_pair_pool,
     build_pair_pool,
     extra_pool_faces,
@@ -122,6 +123,39 @@ def build_starter_dsst(images: np.ndarray, plan: StarterPlan, *, source: str) ->
         n_images=int(images.shape[0]),
         source=source,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class RecipePools:
+    """The recipe's training pairs: `base` from the training faces (DGSA; SE and RM through `restore`),
+    `restore` = `base` + the pairs of `extra_files` (RM and SE)."""
+
+    base: PairPool
+    restore: PairPool
+    extra_files: list[FaceFile]
+
+
+def recipe_pools(data: Path, train_files: list[FaceFile], plan: StarterPlan, seed: int) -> RecipePools:
+    """The pair pools every training entry point uses (train_starter and the component flows)."""
+    base = build_pair_pool(
+        load_faces(data, train_files, plan.degrade_resolution),
+        plan.resolution,
+        per_image=plan.pool_per_image,
+        seed=seed,
+    )
+    # Faces kept out of the prior (framing) still train RM and SE; their pool gets its own seed.
+    extra_files = extra_pool_faces(list_faces(data, exclude=()), plan.extra_pool_sources, train_files)
+    if not extra_files or plan.extra_pool_per_image < 1:
+        return RecipePools(base=base, restore=base, extra_files=[])
+    extra = build_file_pair_pool(
+        data,
+        extra_files,
+        plan.resolution,
+        per_image=plan.extra_pool_per_image,
+        seed=seed + 1,
+        degrade_resolution=plan.degrade_resolution,
+    )
+    return RecipePools(base=base, restore=merge_pools(base, extra), extra_files=extra_files)
 
 
 def write_holdout(path: Path, held: list[FaceFile]) -> None:
@@ -226,27 +260,8 @@ def train_starter(
     else:
         prior = train_prior(images, work / "prior", plan.prior)
         prior_summary = _stage_summary(prior)
-    pool = build_pair_pool(
-        load_faces(data, train_files, plan.degrade_resolution),
-        resolution,
-        per_image=plan.pool_per_image,
-        seed=seed,
-    )
-    # Faces kept out of the prior (framing) still train RM and SE; their pool gets its own seed.
-    extra_files = extra_pool_faces(list_faces(data, exclude=()), plan.extra_pool_sources, train_files)
-    restore_pool = pool
-    if extra_files and plan.extra_pool_per_image > 0:
-        extra = build_file_pair_pool(
-            data,
-            extra_files,
-            resolution,
-            per_image=plan.extra_pool_per_image,
-            seed=seed + 1,
-            degrade_resolution=plan.degrade_resolution,
-        )
-        restore_pool = merge_pools(pool, extra)
-    else:
-        extra_files = []
+    pools = recipe_pools(data, train_files, plan, seed)
+    pool, restore_pool, extra_files = pools.base, pools.restore, pools.extra_files
     rm = train_rm(images, work / "rm", plan.rm, pool=restore_pool)
     sde = train_sde(images, work / "sde", plan.sde)
     tm = build_swinir(plan.rm.swinir)

@@ -1,0 +1,53 @@
+"""The training flows under a Prefect test server: every component flow alone, in the recipe's order, then
+`train-starter`, on a tiny data folder in quick mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline_fixtures import *  # noqa: F403 - the shared fixture prefect_api
+from test_train import _write_faces
+
+from dynface.packs import load_pack
+from dynface.train.data import UTKFACE_SOURCE, list_faces, split_faces
+from dynface.train.plan import starter_plan
+from dynface.train.starter import recipe_pools
+
+
+def test_component_flows_then_the_starter_flow(prefect_api, tmp_path: Path) -> None:
+    from flows.train import (
+        train_dgsa_flow,
+        train_prior_flow,
+        train_rm_flow,
+        train_sde_flow,
+        train_se_flow,
+        train_starter_flow,
+    )
+
+    data = tmp_path / "data"
+    _write_faces(data / "src", 12, 32)
+    _write_faces(data / UTKFACE_SOURCE, 6, 24)
+    plan = starter_plan(32, quick=True)
+    pools = recipe_pools(data, split_faces(list_faces(data))[0], plan, seed=0)
+    assert pools.extra_files and pools.restore.lq.shape[0] == pools.base.lq.shape[0] + len(pools.extra_files)
+
+    kw = {"work_dir": str(tmp_path / "work"), "resolution": 32, "quick": True, "data_dir": str(data)}
+    prior = train_prior_flow(**kw)
+    rm = train_rm_flow(**kw)
+    sde = train_sde_flow(**kw)
+    se = train_se_flow(**kw)
+    dgsa = train_dgsa_flow(**kw)
+    assert (prior["steps"], rm["steps"], sde["steps"]) == (plan.prior.steps, plan.rm.steps, plan.sde.steps)
+    assert se["steps"] == plan.se.steps and se["tau"] > 0 and dgsa["steps"] == plan.dgsa.steps
+    for stage in ("prior", "rm", "sde", "se", "dgsa"):
+        assert (tmp_path / "work" / stage / "last.pt").is_file()
+    # A finished stage resumes from its checkpoint instead of training again.
+    again = train_rm_flow(**kw)
+    assert again["steps"] == rm["steps"] and again["elapsed_s"] == rm["elapsed_s"]
+
+    out = tmp_path / "pack"
+    report = train_starter_flow(
+        out_dir=str(out), resolution=32, quick=True, data_dir=str(data), work_dir=str(tmp_path / "work2")
+    )
+    assert set(report["stages"]) == {"prior", "rm", "sde", "se", "dgsa"}
+    assert load_pack(str(out)).dgsa is not None
