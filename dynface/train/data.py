@@ -297,7 +297,8 @@ def merge_pools(first: PairPool, second: PairPool) -> PairPool:
 def extra_pool_faces(
     faces: Sequence[FaceFile], sources: Sequence[str], train: Sequence[FaceFile]
 ) -> list[FaceFile]:
-    """The training-split files of `sources` among `faces` that are not already in `train` (sorted)."""
+    """The training-split files of `sources` among `faces` that are not already in `train`, in the order
+    of `faces`."""
     taken = {f.file for f in train}
     return [f for f in split_faces(faces)[0] if f.source in sources and f.file not in taken]
 
