@@ -9,7 +9,7 @@ recipe's pair pools (`recipe_pools`), as in `train-starter`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,14 @@ from prefect import flow
 from dynface.models.swinir import build_swinir
 from dynface.paths import shared_dir
 from dynface.train.common import LoopResult
-from dynface.train.data import FaceFile, list_faces, load_faces, split_faces
+from dynface.train.data import (
+    EXCLUDED_SOURCES,
+    FaceFile,
+    list_faces,
+    load_faces,
+    split_faces,
+    without_sources,
+)
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
 from dynface.train.plan import StarterPlan, starter_plan, with_loop
 from dynface.train.prior import train_prior
@@ -34,11 +41,12 @@ class _Setup:
     plan: StarterPlan
     images: np.ndarray  # training faces at the pack resolution
     data: Path
+    listing: list[FaceFile]  # every face of `data`, excluded sources included
     train_files: list[FaceFile]
     seed: int
 
     def pools(self) -> RecipePools:
-        return recipe_pools(self.data, self.train_files, self.plan, self.seed)
+        return recipe_pools(self.data, self.listing, self.train_files, self.plan, self.seed)
 
 
 def _setup(
@@ -59,8 +67,9 @@ def _setup(
         device=device,
     )
     data = Path(data_dir) if data_dir else shared_dir() / "data"
-    train_files, _ = split_faces(list_faces(data))
-    return _Setup(plan, load_faces(data, train_files, resolution), data, train_files, seed)
+    listing = list_faces(data, exclude=())
+    train_files, _ = split_faces(without_sources(listing, EXCLUDED_SOURCES))
+    return _Setup(plan, load_faces(data, train_files, resolution), data, listing, train_files, seed)
 
 
 def _summary(result: LoopResult) -> dict[str, Any]:
@@ -197,9 +206,12 @@ def train_dgsa_flow(
     threads: int = 1,
     device: str = "cpu",
     vgg16: str | None = None,
+    guidance_scale: float | None = None,
 ) -> dict[str, Any]:
     """Needs finished prior, RM, SDE and SE stages in `work_dir`; builds the DSST table itself.
-    `vgg16`: VGG16 weights, adds the DISTS term to the loss."""
+    `vgg16`: VGG16 weights, adds the DISTS term to the loss. `guidance_scale`: the ζ whose guidance DGSA
+    learns to modulate — give the ζ the pack will sample with (`train-starter` tunes ζ on held-out faces
+    before DGSA and records it in the manifest's sampler); None: the plan's default."""
     s = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
     plan, images, work, pools = s.plan, s.images, Path(work_dir), s.pools()
     prior = train_prior(images, work / "prior", plan.prior)
@@ -213,6 +225,6 @@ def train_dgsa_flow(
         prior=prior.model, rm=rm.model, se=se.se, dsst=dsst, std_range=plan.std_range, resolution=resolution
     )
     perceptual = dists_loss(vgg16) if vgg16 else None
-    return _summary(
-        train_dgsa(images, work / "dgsa", plan.dgsa, nets=nets, pool=pools.base, perceptual=perceptual)
-    )
+    config = plan.dgsa if guidance_scale is None else replace(plan.dgsa, guidance_scale=guidance_scale)
+    result = train_dgsa(images, work / "dgsa", config, nets=nets, pool=pools.base, perceptual=perceptual)
+    return {**_summary(result), "guidance_scale": config.guidance_scale}

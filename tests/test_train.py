@@ -345,7 +345,8 @@ def test_split_rule_uses_sha256_prefixes(tmp_path: Path) -> None:
         list_faces(tmp_path / "nothing_here")
 
 
-def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
+def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dynface.train.data as train_data
     from dynface.perceptual import default_head_path
 
     data = tmp_path / "data"
@@ -354,6 +355,9 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
     extra = extra_pool_faces(list_faces(data, exclude=()), (UTKFACE_SOURCE,), list_faces(data))
     assert extra and all(f.source == UTKFACE_SOURCE and not is_held_out(f) for f in extra)
     out = tmp_path / "pack"
+    hashed: list[str] = []  # a folder without MANIFEST.csv is hashed while listed: once per run, not per use
+    real_sha256 = train_data._sha256_file
+    monkeypatch.setattr(train_data, "_sha256_file", lambda p: hashed.append(str(p)) or real_sha256(p))
     report = train_starter(
         out,
         resolution=32,
@@ -365,6 +369,7 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path) -> None:
         eval_faces=2,
         scales=(0.5, 1.0),
     )
+    assert sorted(hashed) == sorted(str(p) for p in data.rglob("*.png"))
     loaded = load_pack(str(out))  # verifies every sha256
     assert loaded.se is not None and loaded.dgsa is not None and loaded.dsst is not None
     assert loaded.manifest.resolution == 32 and loaded.manifest.sampler["guidance_scale"] in (0.5, 1.0)

@@ -28,7 +28,7 @@ def test_component_flows_then_the_starter_flow(prefect_api, tmp_path: Path) -> N
     _write_faces(data / "src", 12, 32)
     _write_faces(data / UTKFACE_SOURCE, 6, 24)
     plan = starter_plan(32, quick=True)
-    pools = recipe_pools(data, split_faces(list_faces(data))[0], plan, seed=0)
+    pools = recipe_pools(data, list_faces(data, exclude=()), split_faces(list_faces(data))[0], plan, seed=0)
     assert pools.extra_files and pools.restore.lq.shape[0] == pools.base.lq.shape[0] + len(pools.extra_files)
 
     kw = {"work_dir": str(tmp_path / "work"), "resolution": 32, "quick": True, "data_dir": str(data)}
@@ -36,9 +36,10 @@ def test_component_flows_then_the_starter_flow(prefect_api, tmp_path: Path) -> N
     rm = train_rm_flow(**kw)
     sde = train_sde_flow(**kw)
     se = train_se_flow(**kw)
-    dgsa = train_dgsa_flow(**kw)
+    dgsa = train_dgsa_flow(**kw, guidance_scale=4.0)  # the ζ a pack would sample with
     assert (prior["steps"], rm["steps"], sde["steps"]) == (plan.prior.steps, plan.rm.steps, plan.sde.steps)
     assert se["steps"] == plan.se.steps and se["tau"] > 0 and dgsa["steps"] == plan.dgsa.steps
+    assert dgsa["guidance_scale"] == 4.0 != plan.dgsa.guidance_scale
     for stage in ("prior", "rm", "sde", "se", "dgsa"):
         assert (tmp_path / "work" / stage / "last.pt").is_file()
     # A finished stage resumes from its checkpoint instead of training again.

@@ -80,7 +80,13 @@ def list_faces(data_dir: Path | str, *, exclude: Sequence[str] = EXCLUDED_SOURCE
             faces.append(FaceFile(rel.as_posix(), _sha256_file(path), source))
     if not faces:
         raise ValueError(f"no face images found under {root}")
-    return sorted((f for f in faces if f.source not in exclude), key=lambda f: f.file)
+    return without_sources(sorted(faces, key=lambda f: f.file), exclude)
+
+
+def without_sources(faces: Sequence[FaceFile], exclude: Sequence[str]) -> list[FaceFile]:
+    """`faces` minus those whose source is in `exclude`, in the given order (filter one listing instead
+    of listing the folder again: without MANIFEST.csv every listing hashes every image)."""
+    return [f for f in faces if f.source not in exclude]
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from dynface.train.data import (
     load_faces,
     merge_pools,
     split_faces,
+    without_sources,
 )
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
 from dynface.train.evaluate import EvalResult, degraded_eval_set, evaluate_restorer
@@ -135,8 +136,11 @@ class RecipePools:
     extra_files: list[FaceFile]
 
 
-def recipe_pools(data: Path, train_files: list[FaceFile], plan: StarterPlan, seed: int) -> RecipePools:
-    """The pair pools every training entry point uses (train_starter and the component flows)."""
+def recipe_pools(
+    data: Path, listing: Sequence[FaceFile], train_files: list[FaceFile], plan: StarterPlan, seed: int
+) -> RecipePools:
+    """The pair pools every training entry point uses (train_starter and the component flows).
+    `listing`: every face of `data` (`list_faces(data, exclude=())`), where the extra sources are found."""
     base = build_pair_pool(
         load_faces(data, train_files, plan.degrade_resolution),
         plan.resolution,
@@ -144,7 +148,7 @@ def recipe_pools(data: Path, train_files: list[FaceFile], plan: StarterPlan, see
         seed=seed,
     )
     # Faces kept out of the prior (framing) still train RM and SE; their pool gets its own seed.
-    extra_files = extra_pool_faces(list_faces(data, exclude=()), plan.extra_pool_sources, train_files)
+    extra_files = extra_pool_faces(listing, plan.extra_pool_sources, train_files)
     if not extra_files or plan.extra_pool_per_image < 1:
         return RecipePools(base=base, restore=base, extra_files=[])
     extra = build_file_pair_pool(
@@ -248,9 +252,9 @@ def train_starter(
         plan = with_stage(
             plan, name, steps=(stage_steps or {}).get(name), budget_minutes=(stage_minutes or {}).get(name)
         )
-    kw = {} if exclude_sources is None else {"exclude": exclude_sources}
-    faces = list_faces(data, **kw)
-    train_files, held_files = split_faces(faces)
+    listing = list_faces(data, exclude=())
+    excluded = EXCLUDED_SOURCES if exclude_sources is None else exclude_sources
+    train_files, held_files = split_faces(without_sources(listing, excluded))
     if not train_files:
         raise ValueError("every face is held out: nothing to train on")
     images = load_faces(data, train_files, resolution)
@@ -260,7 +264,7 @@ def train_starter(
     else:
         prior = train_prior(images, work / "prior", plan.prior)
         prior_summary = _stage_summary(prior)
-    pools = recipe_pools(data, train_files, plan, seed)
+    pools = recipe_pools(data, listing, train_files, plan, seed)
     pool, restore_pool, extra_files = pools.base, pools.restore, pools.extra_files
     rm = train_rm(images, work / "rm", plan.rm, pool=restore_pool)
     sde = train_sde(images, work / "sde", plan.sde)
@@ -356,7 +360,7 @@ def train_starter(
         pool=f"{pool.lq.shape[0]} pairs ({plan.pool_per_image} per training face, degraded at "
         f"{plan.degrade_resolution} px)",
         notes=notes,
-        excluded_sources=tuple(EXCLUDED_SOURCES if exclude_sources is None else exclude_sources) or None,
+        excluded_sources=tuple(excluded) or None,
         extra_files=tuple(extra_files),
         extra_pool=(
             f"{restore_pool.lq.shape[0] - pool.lq.shape[0]} pairs ({plan.extra_pool_per_image} per face, "
