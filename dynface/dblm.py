@@ -27,6 +27,16 @@ class DBLMOutput:
     targets: GuidanceTargets  # levels (B, L), targets in [-1, 1]
 
 
+def restore_rm(y: Tensor, rm: nn.Module, *, flip_ensemble: bool = False) -> Tensor:
+    """RM(y) clamped to [0, 1], y (B, 3, H, W) in [0, 1]. `flip_ensemble`: the mean of RM(y) and the
+    mirror image of RM(mirror(y)) — the self-ensemble of the SR literature restricted to the flip, the
+    one transform under which aligned faces stay faces (RM trains with random flips). Twice RM's cost."""
+    restored = rm(y)
+    if flip_ensemble:
+        restored = (restored + rm(y.flip(-1)).flip(-1)) / 2
+    return restored.clamp(0, 1)
+
+
 def to_reference_std(std: Tensor | float, resolution: int) -> Tensor | float:
     """A std in pixels at `resolution` expressed in pixels at 512 (η = std/10 refers to that scale)."""
     return std * (REFERENCE_RESOLUTION / resolution)
@@ -113,12 +123,14 @@ def run_dblm(
     fixed_std: float | None = None,
     fixed_t_start: int | None = None,
     std_hat: Tensor | None = None,
+    rm_flip_ensemble: bool = False,
 ) -> DBLMOutput:
     """y (B, 3, H, W) in [0, 1] at the pack's resolution.
 
     Without an SE network `fixed_std` (pixels at the pack's resolution) stands in for std*; without a
     DSST table `fixed_t_start` gives every level the same start. `std_hat` (B,): std* computed earlier
-    on the same y (the pipeline's estimate stage), so SE is not run again.
+    on the same y (the pipeline's estimate stage), so SE is not run again. `rm_flip_ensemble`: see
+    `restore_rm`.
     """
     plan = plan_levels(
         y,
@@ -131,7 +143,7 @@ def run_dblm(
         fixed_t_start=fixed_t_start,
         std_hat=std_hat,
     )
-    restored = rm(y).clamp(0, 1)
+    restored = restore_rm(y, rm, flip_ensemble=rm_flip_ensemble)
     stds = plan.stds
     w = torch.ones_like(stds) if weights is None else torch.as_tensor(list(weights), dtype=y.dtype)
     w = w.to(y.device).expand_as(stds).clone()

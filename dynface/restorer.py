@@ -46,6 +46,9 @@ class RestoreConfig:
     difface_t_start: int = 400
     dblm_t_start: int = 999
     init_from: Literal["blurred", "restored"] = "blurred"  # [choice] §3.10
+    # RM(y) as the mean with the mirrored RM(mirror(y)) (dynface.dblm.restore_rm); off by default (the
+    # reference DifFace restorer runs RM once), on in packs whose manifest's sampler sets it.
+    rm_flip_ensemble: bool = False
     batch_size: int = 8  # 0: the largest batch whose measured peak memory fits (CUDA; 8 on CPU)
     seed: int = 12345
 
@@ -213,7 +216,14 @@ class Restorer:
         cfg = self.config
         single = cfg.method in ("dblm_dsst_dgsa", "dblm_dsst", "dblm")
         weights = None if single or cfg.level_weights is None else cfg.level_weights
-        return run_dblm(y, self.pack.rm, weights=weights, std_hat=std_hat, **self._dblm_args())
+        return run_dblm(
+            y,
+            self.pack.rm,
+            weights=weights,
+            std_hat=std_hat,
+            rm_flip_ensemble=cfg.rm_flip_ensemble,
+            **self._dblm_args(),
+        )
 
     def _sampler_config(self) -> SamplerConfig:
         cfg, method = self.config, self.config.method

@@ -222,7 +222,13 @@ def train_dgsa_flow(
     se = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=pools.restore)
     dsst = build_starter_dsst(images, plan, source="training faces")
     nets = FrozenNets(
-        prior=prior.model, rm=rm.model, se=se.se, dsst=dsst, std_range=plan.std_range, resolution=resolution
+        prior=prior.model,
+        rm=rm.model,
+        se=se.se,
+        dsst=dsst,
+        std_range=plan.std_range,
+        resolution=resolution,
+        rm_flip_ensemble=bool(plan.sampler.get("rm_flip_ensemble", False)),
     )
     perceptual = dists_loss(vgg16) if vgg16 else None
     config = plan.dgsa if guidance_scale is None else replace(plan.dgsa, guidance_scale=guidance_scale)

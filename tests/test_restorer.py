@@ -134,3 +134,27 @@ def _counting(fn, calls: dict[str, int], name: str):
         return fn(*args, **kwargs)
 
     return wrapped
+
+
+def test_rm_flip_ensemble_averages_rm_and_its_mirror(restorer: Restorer, faces: list[np.ndarray]) -> None:
+    import torch
+
+    from dynface.dblm import restore_rm
+
+    rm = restorer.pack.rm
+    crops = [f[:32, :32] for f in faces]  # at the pack's resolution: no resizing around RM
+    y = restorer._input_batch(crops)
+    with torch.no_grad():
+        plain, mirrored = rm(y), rm(y.flip(-1)).flip(-1)
+        ensemble = restore_rm(y, rm, flip_ensemble=True)
+    assert not torch.allclose(plain, mirrored, atol=1e-4)  # a random RM is not mirror-symmetric
+    torch.testing.assert_close(ensemble, ((plain + mirrored) / 2).clamp(0, 1))
+    torch.testing.assert_close(restore_rm(y, rm), plain.clamp(0, 1))
+    # The option reaches RM through the restorer (and a pack's sampler section, as a flat option).
+    on = restorer.with_config(method="rm_only", rm_flip_ensemble=True).restore(crops)
+    off = restorer.with_config(method="rm_only").restore(crops)
+    expected = (ensemble.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    for got, want, other in zip(on, expected, off):
+        assert np.abs(got.image.astype(int) - want).max() <= 1
+        assert not np.array_equal(got.image, other.image)
+    assert RestoreConfig().merged({"rm_flip_ensemble": True}).rm_flip_ensemble

@@ -81,6 +81,7 @@ class FrozenNets:
     std_range: tuple[float, float]
     resolution: int
     fixed_std: float | None = None
+    rm_flip_ensemble: bool = False  # as the pack's sampler will run RM (dynface.dblm.restore_rm)
 
 
 def guided_step_x0(
@@ -135,6 +136,7 @@ def dgsa_batch(
         std_range=nets.std_range,
         offsets=(0.0,),
         fixed_std=nets.fixed_std,
+        rm_flip_ensemble=nets.rm_flip_ensemble,
     )
     k_start = np.asarray(
         diffusion.index_for_timestep(dblm.targets.t_starts[:, 0].cpu().numpy()), dtype=np.int64

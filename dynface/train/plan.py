@@ -83,6 +83,8 @@ def starter_plan(
         "mode": "dps",
         "guidance_scale": 1.0,  # replaced by the tuned value when the pack is written
         "batch_size": 8,
+        # RM's flip self-ensemble: +0.17 dB RM-only on the 5th run's held-out faces, at 2× RM's small cost.
+        "rm_flip_ensemble": True,
     }
     if quick:
         unet = prior_config(resolution, width=32, attention=False)

@@ -276,7 +276,13 @@ def train_starter(
     dsst = build_starter_dsst(images, plan, source=f"{len(train_files)} training faces ({data.name})")
     plot_dsst_table(dsst, str(work / "dsst.png"))
     nets = FrozenNets(
-        prior=prior.model, rm=rm.model, se=se.se, dsst=dsst, std_range=plan.std_range, resolution=resolution
+        prior=prior.model,
+        rm=rm.model,
+        se=se.se,
+        dsst=dsst,
+        std_range=plan.std_range,
+        resolution=resolution,
+        rm_flip_ensemble=bool(plan.sampler.get("rm_flip_ensemble", False)),
     )
     configs = plan.configs()
     networks: dict[str, tuple[Any, dict[str, Any]]] = {
