@@ -27,13 +27,19 @@ from dynface.train.data import (
     split_faces,
     without_sources,
 )
-from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
+from dynface.train.dgsa import dists_loss, train_dgsa
 from dynface.train.plan import StarterPlan, starter_plan, with_loop
 from dynface.train.prior import train_prior
 from dynface.train.restorer_net import train_rm
 from dynface.train.sde import train_sde
 from dynface.train.se import train_se
-from dynface.train.starter import RecipePools, build_starter_dsst, recipe_pools, train_starter
+from dynface.train.starter import (
+    RecipePools,
+    build_starter_dsst,
+    recipe_frozen_nets,
+    recipe_pools,
+    train_starter,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -221,15 +227,7 @@ def train_dgsa_flow(
     tm.load_state_dict(rm.model.state_dict())
     se = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=pools.restore)
     dsst = build_starter_dsst(images, plan, source="training faces")
-    nets = FrozenNets(
-        prior=prior.model,
-        rm=rm.model,
-        se=se.se,
-        dsst=dsst,
-        std_range=plan.std_range,
-        resolution=resolution,
-        rm_flip_ensemble=bool(plan.sampler.get("rm_flip_ensemble", False)),
-    )
+    nets = recipe_frozen_nets(plan, prior.model, rm.model, se.se, dsst)
     perceptual = dists_loss(vgg16) if vgg16 else None
     config = plan.dgsa if guidance_scale is None else replace(plan.dgsa, guidance_scale=guidance_scale)
     result = train_dgsa(images, work / "dgsa", config, nets=nets, pool=pools.base, perceptual=perceptual)

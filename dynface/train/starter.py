@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from dynface.diffusion import linear_betas
 from dynface.dsst import DSSTTable, build_dsst_table, mean_power_spectrum, plot_dsst_table
@@ -107,6 +108,21 @@ def reused_prior(pack_dir: Path, plan: StarterPlan) -> tuple[LoopResult, dict[st
         stopped_by=str(summary.get("stopped_by", "reused")),
     )
     return result, summary
+
+
+def recipe_frozen_nets(
+    plan: StarterPlan, prior: nn.Module, rm: nn.Module, se: nn.Module, dsst: DSSTTable
+) -> FrozenNets:
+    """The frozen networks DGSA trains through, running RM as the pack's sampler will (flip ensemble)."""
+    return FrozenNets(
+        prior=prior,
+        rm=rm,
+        se=se,
+        dsst=dsst,
+        std_range=plan.std_range,
+        resolution=plan.resolution,
+        rm_flip_ensemble=bool(plan.sampler.get("rm_flip_ensemble", False)),
+    )
 
 
 def build_starter_dsst(images: np.ndarray, plan: StarterPlan, *, source: str) -> DSSTTable:
@@ -275,15 +291,7 @@ def train_starter(
     )
     dsst = build_starter_dsst(images, plan, source=f"{len(train_files)} training faces ({data.name})")
     plot_dsst_table(dsst, str(work / "dsst.png"))
-    nets = FrozenNets(
-        prior=prior.model,
-        rm=rm.model,
-        se=se.se,
-        dsst=dsst,
-        std_range=plan.std_range,
-        resolution=resolution,
-        rm_flip_ensemble=bool(plan.sampler.get("rm_flip_ensemble", False)),
-    )
+    nets = recipe_frozen_nets(plan, prior.model, rm.model, se.se, dsst)
     configs = plan.configs()
     networks: dict[str, tuple[Any, dict[str, Any]]] = {
         "prior": (prior.model, configs["prior"]),
