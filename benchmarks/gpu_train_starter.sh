@@ -2,6 +2,8 @@
 # Train a starter pack on a lent GPU (DEVELOPERS.md, "GPU training"): a quick smoke run first (seconds),
 # then the real one; the pack comes back under $OUT as pack.tgz.* pieces (the tool returns files of at
 # most 16 MiB). Needs the staged faces: carry out/train_faces (scripts/stage_training_faces.py).
+# RM trains on fresh degradations made by 10 of the 16 cores: at the GPU's step count it would overfit the
+# CPU recipe's fixed pool (dynface.train.fresh_pairs).
 #   RES (default 128), BUDGET minutes for all stages together (default 6), STEPS_SCALE (default 20),
 #   REUSE_PRIOR (a pack folder, optional).
 set -uo pipefail
@@ -20,7 +22,8 @@ echo "quick run ok"
 extra=()
 if [ -n "${REUSE_PRIOR:-}" ]; then extra+=(--reuse-prior "$REUSE_PRIOR"); fi
 python3 scripts/train_starter.py /tmp/pack --resolution "$RES" --budget-minutes "$BUDGET" \
-  --steps-scale "$STEPS_SCALE" --device cuda --threads 8 --data-dir "$DATA" --no-progress \
+  --steps-scale "$STEPS_SCALE" --device cuda --threads 4 --data-dir "$DATA" --no-progress \
+  --rm-pairs fresh --pair-workers 10 \
   --work-dir /tmp/work "${extra[@]}" \
   --note "Trained on a lent GPU by benchmarks/gpu_train_starter.sh (RES=$RES, BUDGET=$BUDGET min, STEPS_SCALE=$STEPS_SCALE)." \
   2>&1 | tee "$OUT/train.log"

@@ -180,13 +180,30 @@ def filter2d_reflect101(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     pad = k // 2
     padded = img[_reflect101_index(h, pad)][:, _reflect101_index(w, pad)].astype(np.float64)
     # FFT in float64: ~20x faster than a direct 41x41 conv on CPU and more exact than cv2's float32.
-    # Correlation = convolution with the flipped kernel; with an FFT of the padded size, the wrapped-around
-    # part of the circular convolution falls only in the first k−1 rows/columns, which are cut away.
-    shape = padded.shape[:2]
+    # Correlation = convolution with the flipped kernel; with an FFT at least the padded size, the
+    # wrapped-around part of the circular convolution falls only in the first k−1 rows/columns, which are
+    # cut away. Rounding the size up to a 5-smooth one (552 → 576 at 512 px; 552 = 8·3·23) is ~35 % faster.
+    n, m = padded.shape[:2]
+    shape = (_smooth_fft_len(n), _smooth_fft_len(m))
     spec_img = np.fft.rfft2(padded, s=shape, axes=(0, 1))
     spec_ker = np.fft.rfft2(kernel[::-1, ::-1].astype(np.float64), s=shape)
     out = np.fft.irfft2(spec_img * spec_ker[:, :, None], s=shape, axes=(0, 1))
-    return out[k - 1 :, k - 1 :].astype(np.float32)
+    return out[k - 1 : n, k - 1 : m].astype(np.float32)
+
+
+def _smooth_fft_len(n: int) -> int:
+    """The smallest 2^a·3^b·5^c ≥ n: sizes numpy's FFT handles fastest."""
+    best, twos = 2 * n, 1
+    while twos < best:
+        threes = twos
+        while threes < best:
+            size = threes
+            while size < n:
+                size *= 5
+            best = min(best, size)
+            threes *= 3
+        twos *= 2
+    return best
 
 
 def resize_linear(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -38,6 +38,7 @@ from dynface.train.starter import (
     build_starter_dsst,
     recipe_frozen_nets,
     recipe_pools,
+    recipe_rm_pairs,
     train_starter,
 )
 
@@ -103,10 +104,13 @@ def train_starter_flow(
     steps_scale: float = 1.0,
     stage_steps: dict[str, int] | None = None,
     stage_minutes: dict[str, float] | None = None,
+    rm_pairs: str = "pool",
+    pair_workers: int = 0,
 ) -> dict[str, Any]:
     """Every stage in order, then the pack (dynface.train.starter.train_starter); `reuse_prior`: a pack
     folder whose prior is taken instead of training one; `vgg16`: VGG16 weights, adds DISTS to DGSA's loss;
-    `stage_steps` / `stage_minutes`: one stage's steps / total minutes, e.g. {"prior": 6000}."""
+    `stage_steps` / `stage_minutes`: one stage's steps / total minutes, e.g. {"prior": 6000};
+    `rm_pairs`: "pool" or "fresh" (StarterPlan.rm_pairs), fresh pairs made by `pair_workers` processes."""
     import torch
 
     torch.set_num_threads(threads)
@@ -125,6 +129,8 @@ def train_starter_flow(
         steps_scale=steps_scale,
         stage_steps=stage_steps,
         stage_minutes=stage_minutes,
+        rm_pairs=rm_pairs,
+        pair_workers=pair_workers,
     )
     return {
         "manifest": report.manifest_uri,
@@ -159,9 +165,15 @@ def train_rm_flow(
     seed: int = 0,
     threads: int = 1,
     device: str = "cpu",
+    rm_pairs: str = "pool",
+    pair_workers: int = 0,
 ) -> dict[str, Any]:
+    """`rm_pairs`: "pool" (the recipe's RM/SE pool) or "fresh" (a new degradation per sample, made by
+    `pair_workers` processes; StarterPlan.rm_pairs)."""
     s = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
-    return _summary(train_rm(s.images, Path(work_dir) / "rm", s.plan.rm, pool=s.pools().restore))
+    plan = replace(s.plan, rm_pairs=rm_pairs, pair_workers=pair_workers)
+    pairs = recipe_rm_pairs(s.data, s.train_files, s.pools(), plan, seed)
+    return _summary(train_rm(s.images, Path(work_dir) / "rm", plan.rm, pairs=pairs))
 
 
 @flow(name="train-sde")
@@ -193,7 +205,7 @@ def train_se_flow(
     """Needs finished RM and SDE stages in `work_dir`."""
     s = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
     plan, images, work, pool = s.plan, s.images, Path(work_dir), s.pools().restore
-    rm = train_rm(images, work / "rm", plan.rm, pool=pool)
+    rm = train_rm(images, work / "rm", plan.rm, pairs=pool)
     sde = train_sde(images, work / "sde", plan.sde)
     tm = build_swinir(plan.rm.swinir)
     tm.load_state_dict(rm.model.state_dict())
@@ -221,7 +233,7 @@ def train_dgsa_flow(
     s = _setup(resolution, quick, budget_minutes, data_dir, seed, threads, device)
     plan, images, work, pools = s.plan, s.images, Path(work_dir), s.pools()
     prior = train_prior(images, work / "prior", plan.prior)
-    rm = train_rm(images, work / "rm", plan.rm, pool=pools.restore)
+    rm = train_rm(images, work / "rm", plan.rm, pairs=pools.restore)
     sde = train_sde(images, work / "sde", plan.sde)
     tm = build_swinir(plan.rm.swinir)
     tm.load_state_dict(rm.model.state_dict())

@@ -392,7 +392,7 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytes
     again = train_starter(
         tmp_path / "pack2", resolution=32, quick=True, data_dir=data, work_dir=tmp_path / "work2",
         progress=False, tune_faces=1, eval_faces=2, scales=(1.0,), reuse_prior=out, steps_scale=2.0,
-        stage_steps={"dgsa": 5},
+        stage_steps={"dgsa": 5}, rm_pairs="fresh",
         vgg16=_random_vgg16_file(tmp_path / "vgg16.pth") if default_head_path("dists") else None,
     )  # fmt: skip
     assert again.stages["prior"]["reused_from"] == "pack"
@@ -404,6 +404,8 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytes
     if default_head_path("dists"):
         assert "+ 1·DISTS" in card and "SWT only" not in card
     assert "SWT only" in (out / "MODEL_CARD.md").read_text()
+    assert "RM itself trained on a fresh degradation per sample (12 pairs" in card.replace("\n  ", " ")
+    assert "RM itself" not in (out / "MODEL_CARD.md").read_text()
     for name, tensor in loaded.prior.state_dict().items():
         torch.testing.assert_close(second.prior.state_dict()[name], tensor)
 

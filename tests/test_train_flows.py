@@ -33,7 +33,7 @@ def test_component_flows_then_the_starter_flow(prefect_api, tmp_path: Path) -> N
 
     kw = {"work_dir": str(tmp_path / "work"), "resolution": 32, "quick": True, "data_dir": str(data)}
     prior = train_prior_flow(**kw)
-    rm = train_rm_flow(**kw)
+    rm = train_rm_flow(**kw, rm_pairs="fresh", pair_workers=1)  # a new degradation per sample
     sde = train_sde_flow(**kw)
     se = train_se_flow(**kw)
     dgsa = train_dgsa_flow(**kw, guidance_scale=4.0)  # the ζ a pack would sample with

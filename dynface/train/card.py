@@ -40,6 +40,7 @@ class CardFacts:
     dgsa_dists_weight: float | None = None  # None: no VGG16 weights supplied, SWT-only loss
     extra_files: tuple[FaceFile, ...] = ()  # faces used only in the RM/SE pair pool
     extra_pool: str = ""  # how those faces' pairs were made, e.g. "4738 pairs (2 per face, ...)"
+    rm_fresh_pairs: str = ""  # how RM's fresh pairs were made, when it trained on them instead of the pool
 
 
 def _licences(files: Sequence[FaceFile], used_for: str) -> list[str]:
@@ -69,6 +70,11 @@ def _method_lines(facts: CardFacts) -> list[str]:
         *(
             [f"  RM and SE also draw from {facts.extra_pool} of the RM/SE-only faces (Data);"]
             if facts.extra_pool
+            else []
+        ),
+        *(
+            [f"  RM itself trained on {facts.rm_fresh_pairs} instead (StarterPlan.rm_pairs);"]
+            if facts.rm_fresh_pairs
             else []
         ),
         f"  LQ and GT then resized to {facts.resolution} px, the way the Restorer sees real 512-px crops.",

@@ -16,6 +16,7 @@ from dynface.train.sde import SDETrainConfig, sde_config
 from dynface.train.se import SETrainConfig
 
 REFERENCE_STD_RANGE = (1.0, 15.0)  # spec §3.7, pixels at 512
+RM_PAIR_SOURCES = ("pool", "fresh")
 # Share of the wall-time budget per stage (serial run). The prior is the expensive, quality-deciding part.
 BUDGET_SHARES = {"prior": 0.50, "rm": 0.30, "sde": 0.03, "se": 0.07, "dgsa": 0.10}
 
@@ -44,6 +45,17 @@ class StarterPlan:
     # stays on the FFHQ-framed pool because it trains through the prior's sampling.
     extra_pool_sources: tuple[str, ...] = (UTKFACE_SOURCE,)
     extra_pool_per_image: int = 2
+    # RM's pairs: "pool" (the pools above, cheap on a CPU) or "fresh" (a new degradation of the same
+    # faces for every sample, made by `pair_workers` DataLoader processes; dynface.train.fresh_pairs).
+    # Fresh pairs cannot be overfitted, which matters where RM trains many steps (a GPU's step scale).
+    rm_pairs: str = "pool"
+    pair_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rm_pairs not in RM_PAIR_SOURCES:
+            raise ValueError(f"rm_pairs must be one of {', '.join(RM_PAIR_SOURCES)}, got {self.rm_pairs!r}")
+        if self.pair_workers < 0:
+            raise ValueError("pair_workers must be >= 0")
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """Network configs as stored in the pack manifest."""

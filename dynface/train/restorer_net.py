@@ -25,6 +25,9 @@ from dynface.train.common import (
     warmup_cosine,
 )
 from dynface.train.data import PairPool, draw_pairs
+from dynface.train.fresh_pairs import FreshPairStream
+
+RMPairs = PairPool | FreshPairStream
 
 
 def swinir_config(
@@ -67,11 +70,12 @@ def train_rm(
     out_dir: Path | str,
     config: RMTrainConfig,
     *,
-    pool: PairPool | None = None,
+    pairs: RMPairs | None = None,
     init: dict[str, Tensor] | None = None,
 ) -> LoopResult:
-    """Train (or resume) RM on HQ faces (N, R, R, 3) float32 in [0, 1]: pairs from `pool` when given,
-    else degraded on the fly at R px. `init` warm-starts the weights (ignored when resuming)."""
+    """Train (or resume) RM on HQ faces (N, R, R, 3) float32 in [0, 1]: pairs from `pairs` (a fixed
+    pool, or a stream of fresh degradations, dynface.train.fresh_pairs) when given, else degraded on the
+    fly at R px. `init` warm-starts the weights (ignored when resuming)."""
     seed_everything(config.loop.seed)
     model = build_swinir(config.swinir)
     if init is not None:
@@ -79,8 +83,11 @@ def train_rm(
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def loss_fn(rng: np.random.Generator, step: int) -> dict[str, Tensor]:
-        lq, gt = draw_pairs(images, config.batch_size, rng, pool)
         dev = config.loop.device
+        if isinstance(pairs, FreshPairStream):
+            lq_t, gt_t = pairs.batch(step)
+            return rm_loss(model, lq_t.to(dev), gt_t.to(dev))
+        lq, gt = draw_pairs(images, config.batch_size, rng, pairs)
         return rm_loss(model, to_tensor_batch(lq, dev), to_tensor_batch(gt, dev))
 
     return train_loop(

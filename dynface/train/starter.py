@@ -47,7 +47,9 @@ from dynface.train.data import (
 )
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
 from dynface.train.evaluate import EvalResult, degraded_eval_set, evaluate_restorer
+from dynface.train.fresh_pairs import FreshPairBatches, FreshPairStream, face_array_file
 from dynface.train.plan import (
+    RM_PAIR_SOURCES,
     StarterPlan,
     parse_stage_values,
     starter_plan,
@@ -56,7 +58,7 @@ from dynface.train.plan import (
     with_steps_scale,
 )
 from dynface.train.prior import train_prior
-from dynface.train.restorer_net import train_rm
+from dynface.train.restorer_net import RMPairs, train_rm
 from dynface.train.sde import train_sde
 from dynface.train.se import SEResult, train_se
 
@@ -178,6 +180,18 @@ def recipe_pools(
     return RecipePools(base=base, restore=merge_pools(base, extra), extra_files=extra_files)
 
 
+def recipe_rm_pairs(
+    data: Path, train_files: Sequence[FaceFile], pools: RecipePools, plan: StarterPlan, seed: int
+) -> RMPairs:
+    """RM's training pairs under `plan.rm_pairs`: the RM/SE pool, or fresh degradations of the same
+    faces (training split plus the RM/SE-only extra faces) with their own seed."""
+    if plan.rm_pairs == "pool":
+        return pools.restore
+    faces = face_array_file(data, [*train_files, *pools.extra_files], plan.degrade_resolution)
+    batches = FreshPairBatches(faces, plan.resolution, plan.rm.batch_size, plan.rm.steps, seed=seed + 2)
+    return FreshPairStream(batches, workers=plan.pair_workers)
+
+
 def write_holdout(path: Path, held: list[FaceFile]) -> None:
     """Names only (paths relative to the data folder), one per line, sorted."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +248,8 @@ def train_starter(
     steps_scale: float = 1.0,
     stage_steps: Mapping[str, int] | None = None,
     stage_minutes: Mapping[str, float] | None = None,
+    rm_pairs: str = "pool",
+    pair_workers: int = 0,
 ) -> StarterReport:
     """Train every component and write the pack to `out_dir`.
 
@@ -249,7 +265,8 @@ def train_starter(
     `device`: where every stage trains and the pack is checked ("cuda" on a GPU machine); `steps_scale`
     multiplies every stage's step count (the budget still applies). `stage_steps` / `stage_minutes`
     replace single stages' step counts / total time budgets (after `steps_scale`), e.g. to continue a
-    stage whose checkpoint is in `work_dir` beyond its share of `budget_minutes`.
+    stage whose checkpoint is in `work_dir` beyond its share of `budget_minutes`. `rm_pairs`: "pool" or
+    "fresh" (a new degradation per sample from `pair_workers` processes; StarterPlan.rm_pairs).
     """
     started = time.perf_counter()
     on_gpu = torch.device(device).type == "cuda"
@@ -264,6 +281,7 @@ def train_starter(
         device=device,
     )
     plan = with_steps_scale(plan, steps_scale) if steps_scale != 1.0 else plan
+    plan = replace(plan, rm_pairs=rm_pairs, pair_workers=pair_workers)
     for name in sorted(set(stage_steps or {}) | set(stage_minutes or {})):
         plan = with_stage(
             plan, name, steps=(stage_steps or {}).get(name), budget_minutes=(stage_minutes or {}).get(name)
@@ -282,7 +300,7 @@ def train_starter(
         prior_summary = _stage_summary(prior)
     pools = recipe_pools(data, listing, train_files, plan, seed)
     pool, restore_pool, extra_files = pools.base, pools.restore, pools.extra_files
-    rm = train_rm(images, work / "rm", plan.rm, pool=restore_pool)
+    rm = train_rm(images, work / "rm", plan.rm, pairs=recipe_rm_pairs(data, train_files, pools, plan, seed))
     sde = train_sde(images, work / "sde", plan.sde)
     tm = build_swinir(plan.rm.swinir)
     tm.load_state_dict(rm.model.state_dict())
@@ -380,6 +398,12 @@ def train_starter(
             f"{restore_pool.lq.shape[0] - pool.lq.shape[0]} pairs ({plan.extra_pool_per_image} per face, "
             f"degraded at {plan.degrade_resolution} px, numpy seed {seed + 1})"
             if extra_files
+            else ""
+        ),
+        rm_fresh_pairs=(
+            f"a fresh degradation per sample ({rm.step * plan.rm.batch_size} pairs of the same faces, "
+            f"degraded at {plan.degrade_resolution} px, numpy seed ({seed + 2}, step))"
+            if plan.rm_pairs == "fresh"
             else ""
         ),
         hardware=_hardware(device, on_gpu),
@@ -487,6 +511,15 @@ def cli_main(argv: list[str] | None = None) -> int:
         "--stage-steps", action="append", default=[], metavar="STAGE=N", help="one stage's steps (repeatable)"
     )
     parser.add_argument(
+        "--rm-pairs",
+        choices=RM_PAIR_SOURCES,
+        default="pool",
+        help="RM's pairs: the fixed pool, or a fresh degradation per sample (GPU runs)",
+    )
+    parser.add_argument(
+        "--pair-workers", type=int, default=0, help="processes making fresh pairs (--rm-pairs fresh)"
+    )
+    parser.add_argument(
         "--stage-minutes",
         action="append",
         default=[],
@@ -515,6 +548,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         steps_scale=args.steps_scale,
         stage_steps=parse_stage_values(args.stage_steps, int),
         stage_minutes=parse_stage_values(args.stage_minutes, float),
+        rm_pairs=args.rm_pairs,
+        pair_workers=args.pair_workers,
     )
     print(json.dumps(_report_json(report), indent=1))
     return 0
