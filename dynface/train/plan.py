@@ -48,6 +48,9 @@ class StarterPlan:
     # RM's pairs: "pool" (the pools above, cheap on a CPU) or "fresh" (a new degradation of the same
     # faces for every sample, made by `pair_workers` DataLoader processes; dynface.train.fresh_pairs).
     # Fresh pairs cannot be overfitted, which matters where RM trains many steps (a GPU's step scale).
+    # On a CPU they cost a core per training step (benchmarks/results/fresh_pairs_cpu.txt), and 1,808
+    # fresh-pair steps continuing the sixth pack's RM (lr 2e-4, 40 min) gained only +0.05–0.08 dB RM-only
+    # (30 held-out faces × 4 degradation draws): the CPU recipe keeps the pool.
     rm_pairs: str = "pool"
     pair_workers: int = 0
 
