@@ -40,7 +40,7 @@ class CardFacts:
     dgsa_dists_weight: float | None = None  # None: no VGG16 weights supplied, SWT-only loss
     extra_files: tuple[FaceFile, ...] = ()  # faces used only in the RM/SE pair pool
     extra_pool: str = ""  # how those faces' pairs were made, e.g. "4738 pairs (2 per face, ...)"
-    rm_fresh_pairs: str = ""  # how RM's fresh pairs were made, when it trained on them instead of the pool
+    rm_fresh_pairs: str = ""  # how RM's fresh pairs were made, when this run's RM steps used them
 
 
 def _licences(files: Sequence[FaceFile], used_for: str) -> list[str]:
@@ -73,7 +73,7 @@ def _method_lines(facts: CardFacts) -> list[str]:
             else []
         ),
         *(
-            [f"  RM itself trained on {facts.rm_fresh_pairs} instead (StarterPlan.rm_pairs);"]
+            [f"  RM's steps in this run drew {facts.rm_fresh_pairs} instead (StarterPlan.rm_pairs);"]
             if facts.rm_fresh_pairs
             else []
         ),

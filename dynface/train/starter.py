@@ -401,8 +401,8 @@ def train_starter(
             else ""
         ),
         rm_fresh_pairs=(
-            f"a fresh degradation per sample ({rm.step * plan.rm.batch_size} pairs of the same faces, "
-            f"degraded at {plan.degrade_resolution} px, numpy seed ({seed + 2}, step))"
+            f"a fresh degradation per sample (the same faces, degraded at {plan.degrade_resolution} px, "
+            f"numpy seed ({seed + 2}, step))"
             if plan.rm_pairs == "fresh"
             else ""
         ),
