@@ -17,8 +17,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1
 test -f "$DATA/MANIFEST.csv" || { echo "no staged faces in $DATA (carry it)"; exit 2; }
 python3 scripts/train_starter.py /tmp/quick_pack --quick --device cuda --data-dir "$DATA" --no-progress \
+  --rm-pairs fresh --pair-workers 2 \
   > "$OUT/quick.log" 2>&1 || { tail -40 "$OUT/quick.log"; exit 1; }
 echo "quick run ok"
+# How many cores fresh pairs need beside the GPU's RM step (~30 s; for choosing --pair-workers next time).
+python3 benchmarks/fresh_pairs.py --workers 0 4 10 --device cuda --threads 4 > "$OUT/fresh_pairs.txt" 2>&1
 extra=()
 if [ -n "${REUSE_PRIOR:-}" ]; then extra+=(--reuse-prior "$REUSE_PRIOR"); fi
 python3 scripts/train_starter.py /tmp/pack --resolution "$RES" --budget-minutes "$BUDGET" \
