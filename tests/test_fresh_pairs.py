@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import _write_faces
 
 from dynface.degrade import DIFFACE_RANGES, degrade_pair, sample_params
 from dynface.train.common import LoopConfig
@@ -17,17 +18,6 @@ from dynface.train.data import list_faces, resize_bicubic
 from dynface.train.fresh_pairs import FreshPairBatches, FreshPairStream, face_array_file
 from dynface.train.plan import starter_plan
 from dynface.train.restorer_net import RMTrainConfig, swinir_config, train_rm
-
-
-def _write_faces(folder: Path, n: int, size: int) -> None:
-    rng = np.random.default_rng(3)
-    folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    for i in range(n):
-        blob = ((xx - rng.uniform(0.4, 0.6)) ** 2 + (yy - 0.5) ** 2 < 0.08).astype(np.float64)
-        face = np.stack([0.3 + 0.4 * blob, 0.2 + 0.3 * xx, 0.5 * yy + 0.2], -1)
-        face = np.clip(face + 0.05 * rng.standard_normal(face.shape), 0, 1)
-        Image.fromarray((face * 255).round().astype(np.uint8)).save(folder / f"face{i:02d}.png")
 
 
 @pytest.fixture()

@@ -130,13 +130,23 @@ def split_faces(faces: Sequence[FaceFile]) -> tuple[list[FaceFile], list[FaceFil
     return train, held
 
 
-def load_image(path: Path, resolution: int) -> np.ndarray:
-    """RGB (resolution, resolution, 3) float32 in [0, 1]; PIL bicubic (antialiased when shrinking)."""
+def load_image_u8(path: Path, resolution: int) -> np.ndarray:
+    """RGB (resolution, resolution, 3) uint8; PIL bicubic (antialiased when shrinking)."""
     with Image.open(path) as im:
         rgb = im.convert("RGB")
         if rgb.size != (resolution, resolution):
             rgb = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=None)
-        return np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
+        return np.asarray(rgb)
+
+
+def load_image(path: Path, resolution: int) -> np.ndarray:
+    """`load_image_u8` as float32 in [0, 1]."""
+    return load_image_u8(path, resolution).astype(np.float32) / np.float32(255.0)
+
+
+def faces_cache_key(faces: Sequence[FaceFile], resolution: int) -> str:
+    """Cache key of decoded faces: the files' sha256s and the resolution."""
+    return hashlib.sha256(("|".join(f.sha256 for f in faces) + f"@{resolution}").encode()).hexdigest()[:24]
 
 
 def load_faces(
@@ -146,8 +156,11 @@ def load_faces(
     repository), keyed by the files' sha256s and the resolution."""
     if not faces:
         raise ValueError("no faces to load")
-    key = hashlib.sha256(("|".join(f.sha256 for f in faces) + f"@{resolution}").encode()).hexdigest()[:24]
-    cache_path = Path(tempfile.gettempdir()) / "dynface_train_cache" / f"faces_{key}.npy"
+    cache_path = (
+        Path(tempfile.gettempdir())
+        / "dynface_train_cache"
+        / f"faces_{faces_cache_key(faces, resolution)}.npy"
+    )
     if cache and cache_path.is_file():
         arr = np.load(cache_path)
         if arr.shape == (len(faces), resolution, resolution, 3):

@@ -13,19 +13,17 @@ the number of workers changes nothing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dynface.degrade import DIFFACE_RANGES, DegradationRanges, degrade_pair, sample_params
-from dynface.train.data import FaceFile, resize_bicubic
+from dynface.train.data import FaceFile, faces_cache_key, load_image_u8, resize_bicubic
 
 
 def face_array_file(
@@ -35,9 +33,8 @@ def face_array_file(
     folder keyed by the files' sha256s: workers map it read-only instead of each holding a copy."""
     if not faces:
         raise ValueError("no faces to store")
-    key = hashlib.sha256(("|".join(f.sha256 for f in faces) + f"@{resolution}").encode()).hexdigest()[:24]
     folder = cache_dir if cache_dir is not None else Path(tempfile.gettempdir()) / "dynface_train_cache"
-    path = folder / f"faces_u8_{key}.npy"
+    path = folder / f"faces_u8_{faces_cache_key(faces, resolution)}.npy"
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,11 +43,7 @@ def face_array_file(
         tmp, mode="w+", dtype=np.uint8, shape=(len(faces), resolution, resolution, 3)
     )
     for i, face in enumerate(faces):
-        with Image.open(Path(data_dir) / face.file) as im:
-            rgb = im.convert("RGB")
-            if rgb.size != (resolution, resolution):
-                rgb = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=None)
-            arr[i] = np.asarray(rgb)
+        arr[i] = load_image_u8(Path(data_dir) / face.file, resolution)
     arr.flush()
     del arr
     tmp.replace(path)
