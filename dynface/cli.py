@@ -221,7 +221,12 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--protocol", choices=["random", "grid"], default="random")
     p.add_argument("--limit", type=int, default=40)
-    p.add_argument("--methods", default=None, help="comma-separated (default: the whole ablation ladder)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated; a method + '@gt_rm' is given the ground truth as RM's output (default: the"
+        " whole ablation ladder, then full@gt_rm, the oracle bound)",
+    )
     p.add_argument("--out", default="out/evaluation")
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
@@ -235,10 +240,10 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from dynface.evaluation import ABLATION, ablation_markdown, run_evaluation
+    from dynface.evaluation import DEFAULT_METHODS, ablation_markdown, run_evaluation
     from dynface.supplied_metrics import MetricWeights
 
-    methods = tuple(args.methods.split(",")) if args.methods else tuple(m for _, m in ABLATION)
+    methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
     weights = MetricWeights(
         arcface=args.arcface,
         fid_inception=args.fid_inception,

@@ -124,13 +124,15 @@ def run_dblm(
     fixed_t_start: int | None = None,
     std_hat: Tensor | None = None,
     rm_flip_ensemble: bool = False,
+    restored: Tensor | None = None,
 ) -> DBLMOutput:
     """y (B, 3, H, W) in [0, 1] at the pack's resolution.
 
     Without an SE network `fixed_std` (pixels at the pack's resolution) stands in for std*; without a
     DSST table `fixed_t_start` gives every level the same start. `std_hat` (B,): std* computed earlier
     on the same y (the pipeline's estimate stage), so SE is not run again. `rm_flip_ensemble`: see
-    `restore_rm`.
+    `restore_rm`. `restored` (B, 3, H, W) in [0, 1]: RM's output given from elsewhere (another
+    restorer, or the ground truth for the evaluation's oracle bound); RM is not run then.
     """
     plan = plan_levels(
         y,
@@ -143,7 +145,12 @@ def run_dblm(
         fixed_t_start=fixed_t_start,
         std_hat=std_hat,
     )
-    restored = restore_rm(y, rm, flip_ensemble=rm_flip_ensemble)
+    if restored is None:
+        restored = restore_rm(y, rm, flip_ensemble=rm_flip_ensemble)
+    elif restored.shape != y.shape:
+        raise ValueError(f"restored images are {tuple(restored.shape)}, the inputs {tuple(y.shape)}")
+    else:
+        restored = restored.to(device=y.device, dtype=y.dtype)
     stds = plan.stds
     w = torch.ones_like(stds) if weights is None else torch.as_tensor(list(weights), dtype=y.dtype)
     w = w.to(y.device).expand_as(stds).clone()

@@ -48,6 +48,14 @@ ABLATION: tuple[tuple[str, str], ...] = (
     ("+DGSA", "dblm_dsst_dgsa"),
     ("full (+multi-guidance, kernel update)", "full"),
 )
+# Diagnostic rows after the ladder: "<method>@gt_rm" runs the method with RM's output replaced by the
+# ground truth. Not a restorer (it reads the answer), but it splits the error of the full method into
+# what a better RM could remove and what the prior and sampler lose on their own.
+ORACLE_RM = "@gt_rm"
+DIAGNOSTICS: tuple[tuple[str, str], ...] = (
+    ("full with RM output := ground truth (oracle bound)", "full" + ORACLE_RM),
+)
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for _, m in ABLATION + DIAGNOSTICS)
 
 
 @dataclass(frozen=True)
@@ -155,13 +163,14 @@ def evaluate_variants(
     restorer: Restorer,
     eval_set: EvalSet,
     *,
-    methods: Sequence[str] = tuple(m for _, m in ABLATION),
+    methods: Sequence[str] = DEFAULT_METHODS,
     extractor: FeatureExtractor | None = None,
     id_size: int = 256,
     sheet_faces: int = 6,
     supplied: SuppliedMetrics | None = None,
 ) -> Evaluation:
-    """Per-face table and per-variant summary for every method; "lq" scores the input itself."""
+    """Per-face table and per-variant summary for every method; "lq" scores the input itself, and a
+    method named with the `ORACLE_RM` suffix is given the ground truth as RM's output."""
     supplied = supplied or SuppliedMetrics()
     extractor = extractor or supplied.extractor or dlib_descriptor_extractor()
     embedder = IdentityEmbedder()
@@ -176,7 +185,9 @@ def evaluate_variants(
             extra = {"std_hat_512": math.nan, "t_start": 0, "n_steps": 0}
             diag = [extra] * len(images)
         else:
-            results = restorer.with_config(method=method).restore(list(eval_set.lq))
+            base, oracle = _split_oracle(method)
+            given = list(eval_set.gt) if oracle else None
+            results = restorer.with_config(method=base).restore(list(eval_set.lq), restored=given)
             images = [r.image for r in results]
             diag = [
                 {"std_hat_512": r.std_hat_512, "t_start": r.t_start, "n_steps": r.n_steps} for r in results
@@ -208,12 +219,28 @@ def evaluate_variants(
     return Evaluation(pd.concat(per_face, ignore_index=True), pd.DataFrame(summary), sheet)
 
 
+def _split_oracle(method: str) -> tuple[str, bool]:
+    """("full@gt_rm") -> ("full", True); ("full") -> ("full", False)."""
+    base, sep, rest = method.partition("@")
+    if sep and "@" + rest != ORACLE_RM:
+        raise ValueError(f"unknown method suffix in {method!r}; the only one is {ORACLE_RM!r}")
+    return base, bool(sep)
+
+
 SUPPLIED_COLUMNS = {"ida_rad": "IDA (rad)", "ida_deg": "IDA (deg)", "lpips": "LPIPS", "dists": "DISTS"}
+
+
+def _label(labels: dict[str, str], method: str) -> str:
+    if method in labels:
+        return labels[method]
+    base, oracle = method.partition("@")[0], method.endswith(ORACLE_RM)
+    name = labels.get(base, base)
+    return f"{name} with RM output := ground truth" if oracle else name
 
 
 def ablation_markdown(summary: pd.DataFrame) -> str:
     """The summary as the model card's ablation table (rows in ABLATION order)."""
-    label = {m: name for name, m in ABLATION}
+    label = {m: name for name, m in ABLATION + DIAGNOSTICS}
     columns = ["setting", "method", "PSNR", "SSIM", "identity dist.", "LMD (px)", "Fréchet dist."]
     columns += ["extractor", "steps", "s/face"]
     supplied = [c for c in SUPPLIED_COLUMNS if c in summary.columns]
@@ -221,7 +248,7 @@ def ablation_markdown(summary: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, r in summary.iterrows():
         cells = [
-            label.get(r["method"], r["method"]),
+            _label(label, r["method"]),
             f"`{r['method']}`",
             f"{r['psnr_rgb']:.2f}",
             f"{r['ssim_rgb']:.3f}",
@@ -259,7 +286,7 @@ def run_evaluation(
     out: str,
     protocol: str = "random",
     limit: int | None = 40,
-    methods: Sequence[str] = tuple(m for _, m in ABLATION),
+    methods: Sequence[str] = DEFAULT_METHODS,
     holdout: str | None = None,
     overrides: dict | None = None,
     seed: int = 2025,

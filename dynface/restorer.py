@@ -212,7 +212,7 @@ class Restorer:
             "fixed_t_start": fixed_t,
         }
 
-    def _dblm(self, y: Tensor, std_hat: Tensor | None = None) -> DBLMOutput:
+    def _dblm(self, y: Tensor, std_hat: Tensor | None = None, restored: Tensor | None = None) -> DBLMOutput:
         cfg = self.config
         single = cfg.method in ("dblm_dsst_dgsa", "dblm_dsst", "dblm")
         weights = None if single or cfg.level_weights is None else cfg.level_weights
@@ -222,6 +222,7 @@ class Restorer:
             weights=weights,
             std_hat=std_hat,
             rm_flip_ensemble=cfg.rm_flip_ensemble,
+            restored=restored,
             **self._dblm_args(),
         )
 
@@ -279,22 +280,30 @@ class Restorer:
         *,
         seeds: Sequence[int] | None = None,
         std_hats: Sequence[float] | None = None,
+        restored: Sequence[np.ndarray] | None = None,
         progress: Callable[[StepInfo], None] | None = None,
     ) -> list[FaceResult]:
         """Restore aligned face crops ((H, W, 3) uint8 or float in [0, 1]); results in input order.
 
-        std_hats: std* per face from an earlier `estimate` on the same crops (skips SE here)."""
+        std_hats: std* per face from an earlier `estimate` on the same crops (skips SE here).
+        restored: RM's output per face, given instead of running RM (same form as `faces`): the output
+        of another restorer, or the ground truth for the oracle bound of `dynface evaluate`."""
         if seeds is not None and len(seeds) != len(faces):
             raise ValueError("one seed per face")
         if std_hats is not None and len(std_hats) != len(faces):
             raise ValueError("one std_hat per face")
+        if restored is not None and len(restored) != len(faces):
+            raise ValueError("one restored image per face")
         seeds = [face_seed(f, self.config.seed) for f in faces] if seeds is None else list(seeds)
         results: list[FaceResult | None] = [None] * len(faces)
         bs = self.config.batch_size or self.auto_batch_size()
         for start in range(0, len(faces), bs):
             chunk = list(range(start, min(start + bs, len(faces))))
             known = None if std_hats is None else [float(std_hats[i]) for i in chunk]
-            batch = self._restore_batch([faces[i] for i in chunk], [seeds[i] for i in chunk], known, progress)
+            given = None if restored is None else [restored[i] for i in chunk]
+            batch = self._restore_batch(
+                [faces[i] for i in chunk], [seeds[i] for i in chunk], known, given, progress
+            )
             for i, res in zip(chunk, batch):
                 results[i] = res
         return [r for r in results if r is not None]
@@ -304,13 +313,15 @@ class Restorer:
         faces: list[np.ndarray],
         seeds: list[int],
         std_hats: list[float] | None,
+        restored: list[np.ndarray] | None,
         progress: Callable[[StepInfo], None] | None,
     ) -> list[FaceResult]:
         t0 = time.perf_counter()
         sizes = [f.shape[:2] for f in faces]
         y = self._input_batch(faces)
         known = None if std_hats is None else torch.tensor(std_hats, dtype=torch.float32)
-        dblm = self._dblm(y, known)
+        given = None if restored is None else self._input_batch(restored)
+        dblm = self._dblm(y, known, given)
         t1 = time.perf_counter()
         cfg = self.config
         if cfg.method == "rm_only":

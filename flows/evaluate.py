@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from dynface.evaluation import ABLATION, ablation_markdown, run_evaluation
+from dynface.evaluation import DEFAULT_METHODS, ablation_markdown, run_evaluation
 from dynface.supplied_metrics import MetricWeights
 
 
@@ -33,7 +33,7 @@ def evaluate(
         out=out,
         protocol=protocol,
         limit=limit,
-        methods=tuple(methods) if methods else tuple(m for _, m in ABLATION),
+        methods=tuple(methods) if methods else DEFAULT_METHODS,
         holdout=holdout,
         overrides=options,
         seed=seed,

@@ -11,7 +11,7 @@ from make_bad_inputs import synthetic_face
 from PIL import Image
 
 from dynface.cli import main as cli_main
-from dynface.evaluation import ABLATION, build_eval_set, read_holdout_names
+from dynface.evaluation import DEFAULT_METHODS, build_eval_set, evaluate_variants, read_holdout_names
 from dynface.metrics import psnr
 from dynface.pack_writer import write_random_pack
 
@@ -67,10 +67,11 @@ def test_cli_evaluate_writes_report_with_every_ablation_row(hq_folder: Path, tmp
     for name in outputs:
         assert (out / name).is_file(), name
     summary = pd.read_parquet(out / "summary.parquet")
-    assert list(summary["method"]) == [m for _, m in ABLATION]
+    assert list(summary["method"]) == list(DEFAULT_METHODS)
+    assert DEFAULT_METHODS[-1] == "full@gt_rm"
     assert set(summary["fd_extractor"]) == {"dlib-face-descriptor-128"}
     per_face = pd.read_parquet(out / "per_face.parquet")
-    assert len(per_face) == 2 * len(ABLATION)
+    assert len(per_face) == 2 * len(DEFAULT_METHODS)
     # The LQ row is the input scored by the metric functions directly.
     ev = build_eval_set(str(hq_folder), resolution=32, names=["face_0.png", "face_2.png"])
     lq_rows = per_face[per_face.method == "lq"].sort_values("name")
@@ -79,7 +80,23 @@ def test_cli_evaluate_writes_report_with_every_ablation_row(hq_folder: Path, tmp
     steps = summary.set_index("method")["mean_steps"]
     assert steps["lq"] == 0 and steps["rm_only"] == 0 and steps["full"] > 0
     text = (out / "report.md").read_text()
-    assert "+DGSA" in text and "DifFace-style fixed start" in text
+    assert "+DGSA" in text and "DifFace-style fixed start" in text and "oracle bound" in text
+
+
+def test_oracle_rows_take_the_ground_truth_as_rm_output(hq_folder: Path, tmp_path: Path) -> None:
+    from dynface.restorer import Restorer
+
+    pack = write_random_pack(str(tmp_path / "pack"), resolution=32, seed=4)
+    restorer = Restorer.from_pack(
+        pack, overrides={"respacing": "ddim10", "mode": "closed_form"}, device="cpu"
+    )
+    ev = build_eval_set(str(hq_folder), resolution=32, limit=2)
+    result = evaluate_variants(restorer, ev, methods=("rm_only", "rm_only@gt_rm"))
+    per_face = result.per_face.set_index("method")
+    assert np.isinf(per_face.loc["rm_only@gt_rm", "psnr_rgb"]).all()  # RM's output is the answer
+    assert np.isfinite(per_face.loc["rm_only", "psnr_rgb"]).all()
+    with pytest.raises(ValueError, match="@gt_rm"):
+        evaluate_variants(restorer, ev, methods=("full@gt",))
 
 
 def test_cli_evaluate_adds_the_metrics_of_supplied_weights(hq_folder: Path, tmp_path: Path) -> None:

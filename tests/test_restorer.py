@@ -158,3 +158,32 @@ def test_rm_flip_ensemble_averages_rm_and_its_mirror(restorer: Restorer, faces: 
         assert np.abs(got.image.astype(int) - want).max() <= 1
         assert not np.array_equal(got.image, other.image)
     assert RestoreConfig().merged({"rm_flip_ensemble": True}).rm_flip_ensemble
+
+
+def test_given_rm_output_replaces_rm(
+    restorer: Restorer, faces: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`restored=` (another restorer's output, or the ground truth for the oracle bound) is used as
+    RM(y): RM is not run, the targets are blurred from it, and everything else is unchanged."""
+    r = restorer.with_config(mode="closed_form")
+    calls = {"rm": 0}
+    monkeypatch.setattr(r.pack.rm, "forward", _counting(r.pack.rm.forward, calls, "rm"))
+    crops = [f[:32, :32] for f in faces]  # at the pack's resolution: no resizing around RM
+    rng = np.random.default_rng(5)
+    given = [rng.integers(0, 256, c.shape, dtype=np.uint8) for c in crops]
+    as_rm = r.with_config(method="rm_only").restore(crops, restored=given)
+    for got, want in zip(as_rm, given):
+        np.testing.assert_array_equal(got.image, want)
+    full_given = r.restore(crops, restored=given)
+    assert calls == {"rm": 0}
+    full_own = r.restore(crops)
+    assert calls == {"rm": 2}
+    for a, b in zip(full_given, full_own):
+        assert a.std_hat == b.std_hat and a.t_start == b.t_start and a.seed == b.seed
+        assert not np.array_equal(a.image, b.image)
+    # Given RM's own output, the result is the same as running RM.
+    own_rm = [x.image for x in r.with_config(method="rm_only").restore(crops)]
+    for a, b in zip(r.restore(crops, restored=own_rm), full_own):
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
+    with pytest.raises(ValueError, match="one restored image per face"):
+        r.restore(crops, restored=given[:1])
