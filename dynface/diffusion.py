@@ -356,35 +356,59 @@ class Diffusion:
     # ----------------------------------------------------------------------------------- training
 
     def training_losses(
-        self, model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, index: Tensor, noise: Tensor
+        self,
+        model: Callable[[Tensor, Tensor], Tensor],
+        x0: Tensor,
+        index: Tensor,
+        noise: Tensor,
+        *,
+        pixel_weight: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Rescaled-MSE loss with learned range; returns per-sample (B,) "mse", "vb" and "loss".
 
         ``vb`` is KL(q(x_{k−1}|x_k,x0) || p) in bits/dim, or the discretized decoder NLL at index 0, computed
         with ε̂ detached so that it trains only v; ``loss = mse + vb · T/1000`` with T the original steps.
+        ``pixel_weight`` (B, 1, H, W), e.g. a 0/1 mask of the pixels that are real image, turns both
+        per-sample means into weighted means (None: every pixel counts equally).
         """
         idx = self._check_index(index, x0.shape[0])
         x_t = self.q_sample(x0, index, noise)
         out = model(x_t, self.model_timesteps(index))
         eps, v = self._split_for(x_t, out)
-        mse = ((noise - eps) ** 2).flatten(1).mean(1)
+        mse = _pixel_mean((noise - eps) ** 2, pixel_weight)
         if v is None:
             vb = torch.zeros_like(mse)
         else:
             frozen = torch.cat([eps.detach(), v], dim=1)
-            vb = self._vb_bits(x0, x_t, index, idx, frozen)
+            vb = self._vb_bits(x0, x_t, index, idx, frozen, pixel_weight)
         vb = vb * (len(self.base_alphas_cumprod) / 1000.0)
         return {"mse": mse, "vb": vb, "loss": mse + vb}
 
-    def _vb_bits(self, x0: Tensor, x_t: Tensor, index: Tensor, idx: np.ndarray, output: Tensor) -> Tensor:
+    def _vb_bits(
+        self,
+        x0: Tensor,
+        x_t: Tensor,
+        index: Tensor,
+        idx: np.ndarray,
+        output: Tensor,
+        pixel_weight: Tensor | None = None,
+    ) -> Tensor:
         true_mean = self.q_posterior_mean(x0, x_t, index)
         true_log_var = self._gather(self.posterior_log_variance_clipped[idx], x_t)
         mean, log_var, _ = self.p_mean_variance(x_t, index, output, clip=False)
-        kl = _normal_kl(true_mean, true_log_var, mean, log_var).flatten(1).mean(1) / math.log(2.0)
+        kl = _pixel_mean(_normal_kl(true_mean, true_log_var, mean, log_var), pixel_weight) / math.log(2.0)
         nll = -_discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)
-        nll = nll.flatten(1).mean(1) / math.log(2.0)
+        nll = _pixel_mean(nll, pixel_weight) / math.log(2.0)
         first = torch.from_numpy(idx == 0).to(x_t.device)
         return torch.where(first, nll, kl)
+
+
+def _pixel_mean(values: Tensor, pixel_weight: Tensor | None) -> Tensor:
+    """Per-sample mean of (B, C, H, W) values, weighted per pixel by (B, 1, H, W) when given."""
+    if pixel_weight is None:
+        return values.flatten(1).mean(1)
+    w = pixel_weight.expand_as(values)
+    return (values * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)
 
 
 def _normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:

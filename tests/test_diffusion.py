@@ -109,13 +109,17 @@ def test_linear_betas() -> None:
 
 @pytest.mark.parametrize("respacing", RESPACINGS)
 def test_steps_match_golden_float64_reference_rounding(golden: dict, respacing: str) -> None:
-    """float32 coefficients + float64 state reproduces the reference computation to 1e-12."""
+    """float32 coefficients + float64 state reproduces the reference computation to 1e-12; the DDIM
+    steps to 2 float32 ulps: their coefficients go through torch's float32 sqrt, whose last bit
+    depends on the CPU (exact on the machines that made and first checked the golden files; 5e-8 on an
+    AVX-512-FP16 Xeon, where torch.sqrt differs from the correctly rounded numpy.sqrt on 9 of 1000 ᾱ)."""
     diff = Diffusion.create(respacing, coefficient_dtype="float32")
     res = _outputs(diff, golden, respacing, torch.float64)
     assert sorted(res) == sorted(OUTPUTS)
     for key, y in res.items():
         assert y.dtype == torch.float64
-        assert _max_ratio(y, golden[f"{respacing}/{key}"]) <= 1e-12, key
+        tolerance = 2.4e-7 if key.startswith("ddim_sample") else 1e-12
+        assert _max_ratio(y, golden[f"{respacing}/{key}"]) <= tolerance, key
 
 
 @pytest.mark.parametrize("respacing", RESPACINGS)
@@ -360,3 +364,30 @@ def test_training_losses_oracle_and_frozen_mean() -> None:
     # An ε-only model has no vb term.
     eps_only = diff.training_losses(_fixed_model(noise), x0, index, noise)
     assert torch.all(eps_only["vb"] == 0) and torch.all(eps_only["loss"] == 0)
+
+
+def test_training_losses_pixel_weight_counts_only_weighted_pixels() -> None:
+    """A 0/1 mask makes mse and vb the means over the masked pixels; all-ones equals no weight."""
+    diff = Diffusion.create("1000")
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.rand(2, 3, 6, 6, generator=gen, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    out = (torch.randn(2, 6, 6, 6, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+    index = torch.tensor([0, 300])
+    plain = diff.training_losses(_fixed_model(out), x0, index, noise)
+    ones = diff.training_losses(_fixed_model(out), x0, index, noise, pixel_weight=torch.ones(2, 1, 6, 6))
+    for key in ("mse", "vb", "loss"):
+        _assert_close(ones[key], plain[key])
+    mask = torch.zeros(2, 1, 6, 6, dtype=torch.float64)
+    mask[:, :, 1:4, 2:5] = 1
+    masked = diff.training_losses(_fixed_model(out), x0, index, noise, pixel_weight=mask)
+    inside = (slice(None), slice(None), slice(1, 4), slice(2, 5))
+    mse = ((noise - out[:, :3].detach()) ** 2)[inside].flatten(1).mean(1)
+    _assert_close(masked["mse"], mse)
+    # The masked loss equals the plain loss of the same data cropped to the mask: both terms are
+    # per-pixel, so nothing outside the mask can reach it.
+    cropped = diff.training_losses(_fixed_model(out[inside]), x0[inside], index, noise[inside])
+    for key in ("mse", "vb", "loss"):
+        _assert_close(masked[key], cropped[key])
+    (grad,) = torch.autograd.grad(masked["loss"].sum(), out)
+    assert torch.all(grad * (1 - mask) == 0) and grad[inside].abs().sum() > 0

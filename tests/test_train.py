@@ -117,6 +117,33 @@ def test_prior_resumes_to_the_same_state(tmp_path: Path) -> None:
     _same_state(resumed.model, straight.model)  # the EMA copy too
 
 
+def test_prior_with_masked_crops_mixes_batches_and_ignores_their_padding(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from dynface.train.data import MaskedFaces, sample_masked_batch
+
+    images = _faces(4, 16)
+    rng = np.random.default_rng(3)
+    masks = np.zeros((3, 16, 16), np.float32)
+    masks[:, 4:12, 4:12] = 1
+    crops = rng.random((3, 16, 16, 3), dtype=np.float32)
+    x, w = sample_masked_batch(images, MaskedFaces(crops, masks), 4, 2, np.random.default_rng(0))
+    assert x.shape == (4, 16, 16, 3) and w.shape == (4, 16, 16)
+    assert (w[:2] == 1).all() and w[2:].sum() == 2 * 64  # faces count everywhere, crops inside the mask
+    cfg = replace(_prior_cfg(tmp_path, 4), masked_share=0.5)
+    first = train_prior(images, tmp_path / "a", cfg, masked=MaskedFaces(crops, masks))
+    # Padding still reaches the loss through the UNet's receptive field (only the sum is masked).
+    noisy = crops.copy()
+    noisy[:, :4] = 0.0
+    second = train_prior(images, tmp_path / "b", cfg, masked=MaskedFaces(noisy, masks))
+    assert first.step == second.step == 4 and np.isfinite(first.history["loss"]).all()
+    assert first.history["loss"] != second.history["loss"]
+    plain = train_prior(images, tmp_path / "c", _prior_cfg(tmp_path, 4))
+    assert plain.history["loss"] != first.history["loss"]
+    with pytest.raises(ValueError, match="masked_share"):
+        replace(cfg, masked_share=1.5)
+
+
 def _rm_cfg(tmp: Path, steps: int, **kw) -> RMTrainConfig:
     swin = swinir_config(32, embed_dim=16, depths=(1,))
     return RMTrainConfig(swinir=swin, steps=steps, batch_size=2, lr=2e-3, warmup=1, loop=_loop(tmp, **kw))
@@ -508,8 +535,54 @@ def test_utkface_crops_realign_but_fill_little_of_the_ffhq_frame(data_dir: Path)
         out = realign_tight_crop(np.asarray(Image.open(path).convert("RGB")), 128)
         assert out is not None and out.crop.shape == (128, 128, 3) and out.crop.dtype == np.uint8
         assert 0.25 < out.coverage < 0.6
+        assert out.mask.shape == (128, 128) and out.mask.dtype == bool
+        assert out.coverage == pytest.approx(out.mask.mean())
+        assert out.mask[64, 64] and not out.mask[0, 0]  # the face centre is original, the corner padding
     # An FFHQ-framed face is already on the template: nearly the whole crop shows the image.
     ffhq = sorted((data_dir / HQ_FOLDER / "yangxy__GPEN").glob("*.png"))[0]
     small = np.asarray(Image.open(ffhq).convert("RGB").resize((256, 256)))
     framed = realign_tight_crop(small, 128)
     assert framed is not None and framed.coverage > 0.95
+    from dynface.train.data import FaceFile, load_realigned_faces
+
+    files = [FaceFile(p.relative_to(data_dir).as_posix(), p.name, UTKFACE_SOURCE) for p in files]
+    masked = load_realigned_faces(data_dir, files, 32, cache=False)
+    assert masked.images.shape == (len(files), 32, 32, 3) and masked.masks.shape == (len(files), 32, 32)
+    assert masked.images.dtype == masked.masks.dtype == np.float32 and 0.25 < masked.masks.mean() < 0.6
+
+
+def test_se_backward_through_channels_last_tm_output() -> None:
+    """Regression: the quick 64-px SE crashed the process (double free) in backward, because TM's
+    channels-last output reached the width-8 SDE stem; the SDE now makes its input contiguous."""
+    from dynface.models.se import build_sde
+    from dynface.train.se import se_loss
+
+    torch.manual_seed(0)
+    tm = build_swinir(swinir_config(64, embed_dim=16, depths=(1,), image_residual=True))
+    sde = build_sde(sde_config(64, (0.125, 1.875), width=8))
+    lq, gt = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    assert tm(lq).is_contiguous(memory_format=torch.channels_last)  # what triggered the crash
+    losses = se_loss(StdEstimator(sde, tm), lq, gt, torch.tensor([0.5, 1.2]), 0.01)
+    losses["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in sde.parameters())
+
+
+@pytest.mark.data
+def test_quick_starter_with_masked_prior_crops_at_64_px(data_dir: Path, tmp_path: Path) -> None:
+    """`prior_masked_share`: re-aligned UTKFace crops join the prior's batches and the card says so
+    (64 px: also the size at which the quick SE once crashed, see the channels-last test)."""
+    import shutil
+
+    from dynface.train.data import HQ_FOLDER, UTKFACE_SOURCE
+
+    data = tmp_path / "data"
+    for source, n in (("yangxy__GPEN", 8), (UTKFACE_SOURCE, 6)):
+        (data / source).mkdir(parents=True)
+        for path in sorted((data_dir / HQ_FOLDER / source).iterdir())[:n]:
+            shutil.copyfile(path, data / source / path.name)
+    out = tmp_path / "pack"
+    kwargs = {"quick": True, "data_dir": data, "progress": False, "tune_faces": 1, "eval_faces": 1}
+    train_starter(out, resolution=64, work_dir=tmp_path / "work", prior_masked_share=0.5, **kwargs)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "50% re-aligned tight crops" in card and "prior (re-aligned, masked loss)" in card
+    load_pack(str(out))

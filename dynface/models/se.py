@@ -78,6 +78,9 @@ class StdEstimatorNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         size = self.config.input_size
+        # TM's output arrives channels-last (SwinIR's final convs); with it, this CPU torch build crashes
+        # (segfault / double free) in the backward of the small stem at width 8. Contiguous is cheap here.
+        x = x.contiguous()
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         h = self.stages(F.relu(self.stem(x * 2 - 1)))

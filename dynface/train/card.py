@@ -41,6 +41,7 @@ class CardFacts:
     extra_files: tuple[FaceFile, ...] = ()  # faces used only in the RM/SE pair pool
     extra_pool: str = ""  # how those faces' pairs were made, e.g. "4738 pairs (2 per face, ...)"
     rm_fresh_pairs: str = ""  # how RM's fresh pairs were made, when this run's RM steps used them
+    prior_masked: str = ""  # the re-aligned crops in the prior's batches, when this run's prior used them
 
 
 def _licences(files: Sequence[FaceFile], used_for: str) -> list[str]:
@@ -64,6 +65,11 @@ def _method_lines(facts: CardFacts) -> list[str]:
         f"- **prior**: DifFace-style UNet (width {pc['model_channels']}, mult {pc['channel_mult']},",
         f"  attention at {pc['attention_resolutions']}), DDPM T=1000 linear β, learned-range variance,",
         "  RESCALED_MSE loss, uniform t, AdamW with warm-up and cosine decay; the EMA (0.999) is shipped.",
+        *(
+            [f"  Its batches also held {facts.prior_masked}, the loss counted on their original pixels only."]
+            if facts.prior_masked
+            else []
+        ),
         f"- **RM**: SwinIR (embed {rc['embed_dim']}, depths {rc['depths']}{residual}), L1 loss.",
         "  Training pairs",
         f"  (RM, SE, DGSA): a fixed pool of {facts.pool} with DifFace ranges (spec §6.1);",
@@ -108,6 +114,12 @@ def _dgsa_loss_lines(dists_weight: float | None) -> list[str]:
     ]
 
 
+def _extra_use(facts: CardFacts, *, table: bool = False) -> str:
+    if facts.prior_masked:
+        return "RM and SE pairs, prior (re-aligned, masked loss)" if table else "RM, SE and the masked prior"
+    return "RM and SE pairs only" if table else "RM and SE only"
+
+
 def render_card(facts: CardFacts) -> str:
     s = facts.stages
     total_s = sum(v["elapsed_s"] for v in s.values())
@@ -125,7 +137,7 @@ def render_card(facts: CardFacts) -> str:
         "## Data",
         "",
         f"{len(facts.train_files)} training faces"
-        + (f" (and {len(facts.extra_files)} for RM and SE only)" if facts.extra_files else "")
+        + (f" (and {len(facts.extra_files)} for {_extra_use(facts)})" if facts.extra_files else "")
         + f"; {facts.n_holdout} held out (every file whose sha256",
         f"starts with {prefixes}; names in `holdout.txt`, no images shipped).",
     ]
@@ -144,13 +156,18 @@ def render_card(facts: CardFacts) -> str:
                 "(local restoration and blur estimation, where framing matters little and more identities",
                 "help), as they are, without re-alignment.",
             ]
+        if facts.prior_masked:
+            lines += [
+                "In this run they also trained the prior, re-aligned, with the loss counted on their",
+                "original pixels only (Training, prior).",
+            ]
     lines += [
         "Faces resized to the pack resolution with PIL bicubic (antialiased); random horizontal flips.",
         "",
         "| source folder | training files | used for | licence (MANIFEST.csv) |",
         "|---|---:|---|---|",
         *_licences(facts.train_files, "every stage"),
-        *_licences(facts.extra_files, "RM and SE pairs only"),
+        *_licences(facts.extra_files, _extra_use(facts, table=True)),
         "",
         "All sources are restricted to non-commercial research use (CelebA terms, FFHQ CC BY-NC-SA 4.0,",
         "research test sets). The weights derive from these images: do not use them commercially.",

@@ -91,10 +91,11 @@ def without_sources(faces: Sequence[FaceFile], exclude: Sequence[str]) -> list[F
 
 @dataclass(frozen=True, eq=False)
 class Realigned:
-    """crop: (size, size, 3) uint8 on our FFHQ template; coverage: share of the crop that shows the
-    original image (the rest is its reflection)."""
+    """crop: (size, size, 3) uint8 on our FFHQ template; mask: (size, size) bool, True where the crop shows
+    the original image (elsewhere its reflection); coverage: the share of True in mask."""
 
     crop: np.ndarray
+    mask: np.ndarray
     coverage: float
 
 
@@ -115,8 +116,61 @@ def realign_tight_crop(rgb: np.ndarray, size: int) -> Realigned | None:
     affine = alignment_transform(face.landmarks, size)
     inside = np.zeros_like(padded)
     inside[pad : pad + h, pad : pad + w] = 255
-    coverage = float((warp_affine(inside, affine, (size, size))[..., 0] > 127).mean())
-    return Realigned(crop=warp_affine(padded, affine, (size, size)), coverage=coverage)
+    mask = warp_affine(inside, affine, (size, size))[..., 0] > 127
+    return Realigned(crop=warp_affine(padded, affine, (size, size)), mask=mask, coverage=float(mask.mean()))
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedFaces:
+    """Re-aligned tight crops for a masked loss: images (N, R, R, 3) float32 in [0, 1] on our FFHQ
+    template, masks (N, R, R) float32, 1 where the pixel is original (elsewhere reflection padding)."""
+
+    images: np.ndarray
+    masks: np.ndarray
+
+
+def load_realigned_faces(
+    data_dir: Path | str, faces: Sequence[FaceFile], resolution: int, *, cache: bool = True
+) -> MaskedFaces:
+    """`realign_tight_crop` of every file at `resolution`; files without a detected face are dropped.
+    Cached in the system temp folder like `load_faces` (re-alignment runs the face detector)."""
+    key = faces_cache_key(faces, resolution)
+    cache_path = Path(tempfile.gettempdir()) / "dynface_train_cache" / f"realigned_{key}.npz"
+    if cache and cache_path.is_file():
+        with np.load(cache_path) as stored:
+            return MaskedFaces(images=stored["images"], masks=stored["masks"])
+    crops, masks = [], []
+    for face in faces:
+        with Image.open(Path(data_dir) / face.file) as im:
+            found = realign_tight_crop(np.asarray(im.convert("RGB")), resolution)
+        if found is not None:
+            crops.append(found.crop.astype(np.float32) / np.float32(255.0))
+            masks.append(found.mask.astype(np.float32))
+    if not crops:
+        raise ValueError(f"no face found in any of the {len(faces)} crops to re-align")
+    out = MaskedFaces(images=np.stack(crops), masks=np.stack(masks))
+    if cache:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp.npz")
+        np.savez(tmp, images=out.images, masks=out.masks)
+        tmp.replace(cache_path)
+    return out
+
+
+def sample_masked_batch(
+    images: np.ndarray, masked: MaskedFaces, batch_size: int, masked_count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(x (B, R, R, 3), weight (B, R, R)): `batch_size - masked_count` faces of `images` (weight 1) then
+    `masked_count` re-aligned crops with their masks, drawn with replacement; each pair mirrored
+    left-right with probability 1/2."""
+    full = images[rng.integers(0, images.shape[0], size=batch_size - masked_count)]
+    pick = rng.integers(0, masked.images.shape[0], size=masked_count)
+    x = np.concatenate([full, masked.images[pick]])
+    w = np.concatenate([np.ones(full.shape[:3], np.float32), masked.masks[pick]])
+    flip = rng.random(batch_size) < 0.5
+    x[flip] = x[flip, :, ::-1]
+    w[flip] = w[flip, :, ::-1]
+    return x, w
 
 
 def is_held_out(face: FaceFile) -> bool:

@@ -41,6 +41,7 @@ from dynface.train.data import (
     extra_pool_faces,
     list_faces,
     load_faces,
+    load_realigned_faces,
     merge_pools,
     split_faces,
     without_sources,
@@ -250,6 +251,7 @@ def train_starter(
     stage_minutes: Mapping[str, float] | None = None,
     rm_pairs: str = "pool",
     pair_workers: int = 0,
+    prior_masked_share: float = 0.0,
 ) -> StarterReport:
     """Train every component and write the pack to `out_dir`.
 
@@ -267,6 +269,8 @@ def train_starter(
     replace single stages' step counts / total time budgets (after `steps_scale`), e.g. to continue a
     stage whose checkpoint is in `work_dir` beyond its share of `budget_minutes`. `rm_pairs`: "pool" or
     "fresh" (a new degradation per sample from `pair_workers` processes; StarterPlan.rm_pairs).
+    `prior_masked_share` > 0: that share of every prior batch comes from the training-split crops of
+    `StarterPlan.extra_pool_sources`, re-aligned to the template, with the loss on their original pixels.
     """
     started = time.perf_counter()
     on_gpu = torch.device(device).type == "cuda"
@@ -293,10 +297,21 @@ def train_starter(
         raise ValueError("every face is held out: nothing to train on")
     images = load_faces(data, train_files, resolution)
 
+    prior_masked = ""
     if reuse_prior is not None:
         prior, prior_summary = reused_prior(Path(reuse_prior), plan)
     else:
-        prior = train_prior(images, work / "prior", plan.prior)
+        masked = None
+        if prior_masked_share > 0:
+            crops = extra_pool_faces(listing, plan.extra_pool_sources, train_files)
+            masked = load_realigned_faces(data, crops, resolution) if crops else None
+        if masked is not None:
+            plan = replace(plan, prior=replace(plan.prior, masked_share=prior_masked_share))
+            prior_masked = (
+                f"{prior_masked_share:.0%} re-aligned tight crops ({masked.images.shape[0]} of {len(crops)}"
+                f" training-split files of {', '.join(plan.extra_pool_sources)} had a detected face)"
+            )
+        prior = train_prior(images, work / "prior", plan.prior, masked=masked)
         prior_summary = _stage_summary(prior)
     pools = recipe_pools(data, listing, train_files, plan, seed)
     pool, restore_pool, extra_files = pools.base, pools.restore, pools.extra_files
@@ -406,6 +421,7 @@ def train_starter(
             if plan.rm_pairs == "fresh"
             else ""
         ),
+        prior_masked=prior_masked,
         hardware=_hardware(device, on_gpu),
         prior_params=count_params(prior.model),
         on_gpu=on_gpu,
@@ -520,6 +536,12 @@ def cli_main(argv: list[str] | None = None) -> int:
         "--pair-workers", type=int, default=0, help="processes making fresh pairs (--rm-pairs fresh)"
     )
     parser.add_argument(
+        "--prior-masked-share",
+        type=float,
+        default=0.0,
+        help="share of each prior batch from re-aligned UTKFace crops, loss on original pixels (0: none)",
+    )
+    parser.add_argument(
         "--stage-minutes",
         action="append",
         default=[],
@@ -550,6 +572,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         stage_minutes=parse_stage_values(args.stage_minutes, float),
         rm_pairs=args.rm_pairs,
         pair_workers=args.pair_workers,
+        prior_masked_share=args.prior_masked_share,
     )
     print(json.dumps(_report_json(report), indent=1))
     return 0
