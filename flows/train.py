@@ -106,11 +106,13 @@ def train_starter_flow(
     stage_minutes: dict[str, float] | None = None,
     rm_pairs: str = "pool",
     pair_workers: int = 0,
+    prior_masked_share: float = 0.0,
 ) -> dict[str, Any]:
     """Every stage in order, then the pack (dynface.train.starter.train_starter); `reuse_prior`: a pack
     folder whose prior is taken instead of training one; `vgg16`: VGG16 weights, adds DISTS to DGSA's loss;
     `stage_steps` / `stage_minutes`: one stage's steps / total minutes, e.g. {"prior": 6000};
-    `rm_pairs`: "pool" or "fresh" (StarterPlan.rm_pairs), fresh pairs made by `pair_workers` processes."""
+    `rm_pairs`: "pool" or "fresh" (StarterPlan.rm_pairs), fresh pairs made by `pair_workers` processes;
+    `prior_masked_share`: share of each prior batch from re-aligned UTKFace crops with a masked loss."""
     import torch
 
     torch.set_num_threads(threads)
@@ -131,6 +133,7 @@ def train_starter_flow(
         stage_minutes=stage_minutes,
         rm_pairs=rm_pairs,
         pair_workers=pair_workers,
+        prior_masked_share=prior_masked_share,
     )
     return {
         "manifest": report.manifest_uri,

@@ -547,7 +547,11 @@ def test_utkface_crops_realign_but_fill_little_of_the_ffhq_frame(data_dir: Path)
 
     files = [FaceFile(p.relative_to(data_dir).as_posix(), p.name, UTKFACE_SOURCE) for p in files]
     masked = load_realigned_faces(data_dir, files, 32, cache=False)
-    assert masked.images.shape == (len(files), 32, 32, 3) and masked.masks.shape == (len(files), 32, 32)
+    assert (
+        masked is not None
+        and masked.images.shape == (len(files), 32, 32, 3)
+        and masked.masks.shape == (len(files), 32, 32)
+    )
     assert masked.images.dtype == masked.masks.dtype == np.float32 and 0.25 < masked.masks.mean() < 0.6
 
 

@@ -131,8 +131,9 @@ class MaskedFaces:
 
 def load_realigned_faces(
     data_dir: Path | str, faces: Sequence[FaceFile], resolution: int, *, cache: bool = True
-) -> MaskedFaces:
-    """`realign_tight_crop` of every file at `resolution`; files without a detected face are dropped.
+) -> MaskedFaces | None:
+    """`realign_tight_crop` of every file at `resolution`; files without a detected face are dropped
+    (None when no file has one).
     Cached in the system temp folder like `load_faces` (re-alignment runs the face detector)."""
     key = faces_cache_key(faces, resolution)
     cache_path = Path(tempfile.gettempdir()) / "dynface_train_cache" / f"realigned_{key}.npz"
@@ -147,7 +148,7 @@ def load_realigned_faces(
             crops.append(found.crop.astype(np.float32) / np.float32(255.0))
             masks.append(found.mask.astype(np.float32))
     if not crops:
-        raise ValueError(f"no face found in any of the {len(faces)} crops to re-align")
+        return None
     out = MaskedFaces(images=np.stack(crops), masks=np.stack(masks))
     if cache:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
