@@ -233,7 +233,7 @@ SUPPLIED_COLUMNS = {"ida_rad": "IDA (rad)", "ida_deg": "IDA (deg)", "lpips": "LP
 def _label(labels: dict[str, str], method: str) -> str:
     if method in labels:
         return labels[method]
-    base, oracle = method.partition("@")[0], method.endswith(ORACLE_RM)
+    base, oracle = _split_oracle(method)
     name = labels.get(base, base)
     return f"{name} with RM output := ground truth" if oracle else name
 

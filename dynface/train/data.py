@@ -135,27 +135,19 @@ def load_realigned_faces(
     """`realign_tight_crop` of every file at `resolution`; files without a detected face are dropped
     (None when no file has one).
     Cached in the system temp folder like `load_faces` (re-alignment runs the face detector)."""
-    key = faces_cache_key(faces, resolution)
-    cache_path = Path(tempfile.gettempdir()) / "dynface_train_cache" / f"realigned_{key}.npz"
-    if cache and cache_path.is_file():
-        with np.load(cache_path) as stored:
-            return MaskedFaces(images=stored["images"], masks=stored["masks"])
-    crops, masks = [], []
-    for face in faces:
-        with Image.open(Path(data_dir) / face.file) as im:
-            found = realign_tight_crop(np.asarray(im.convert("RGB")), resolution)
-        if found is not None:
-            crops.append(found.crop.astype(np.float32) / np.float32(255.0))
-            masks.append(found.mask.astype(np.float32))
-    if not crops:
-        return None
-    out = MaskedFaces(images=np.stack(crops), masks=np.stack(masks))
-    if cache:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=out.images, masks=out.masks)
-        tmp.replace(cache_path)
-    return out
+
+    def realign() -> dict[str, np.ndarray] | None:
+        crops, masks = [], []
+        for face in faces:
+            with Image.open(Path(data_dir) / face.file) as im:
+                found = realign_tight_crop(np.asarray(im.convert("RGB")), resolution)
+            if found is not None:
+                crops.append(found.crop.astype(np.float32) / np.float32(255.0))
+                masks.append(found.mask.astype(np.float32))
+        return {"images": np.stack(crops), "masks": np.stack(masks)} if crops else None
+
+    arrays = _cached_arrays(f"realigned_{faces_cache_key(faces, resolution)}", realign, cache)
+    return None if arrays is None else MaskedFaces(images=arrays["images"], masks=arrays["masks"])
 
 
 def sample_masked_batch(
@@ -345,22 +337,32 @@ def _degrade_faces(
     return PairPool(lq=np.stack(lqs), gt=np.stack(gts))
 
 
-def _cached_pool(key: bytes, make: Callable[[], PairPool], cache: bool) -> PairPool:
-    cache_path = (
-        Path(tempfile.gettempdir())
-        / "dynface_train_cache"
-        / f"pool_{hashlib.sha256(key).hexdigest()[:24]}.npz"
-    )
+def _cached_arrays(
+    name: str, make: Callable[[], dict[str, np.ndarray] | None], cache: bool
+) -> dict[str, np.ndarray] | None:
+    """`make()`'s named arrays, stored as `<name>.npz` in the system temp folder's training cache (never
+    the repository) and read back from there on later calls; None from `make` is not cached."""
+    cache_path = Path(tempfile.gettempdir()) / "dynface_train_cache" / f"{name}.npz"
     if cache and cache_path.is_file():
-        with np.load(cache_path) as z:
-            return PairPool(lq=z["lq"], gt=z["gt"])
-    pool = make()
-    if cache:
+        with np.load(cache_path) as stored:
+            return {k: stored[k] for k in stored.files}
+    arrays = make()
+    if cache and arrays is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp.npz")
-        np.savez(tmp, lq=pool.lq, gt=pool.gt)
+        np.savez(tmp, **arrays)
         tmp.replace(cache_path)
-    return pool
+    return arrays
+
+
+def _cached_pool(key: bytes, make: Callable[[], PairPool], cache: bool) -> PairPool:
+    def arrays() -> dict[str, np.ndarray]:
+        pool = make()
+        return {"lq": pool.lq, "gt": pool.gt}
+
+    stored = _cached_arrays(f"pool_{hashlib.sha256(key).hexdigest()[:24]}", arrays, cache)
+    assert stored is not None
+    return PairPool(lq=stored["lq"], gt=stored["gt"])
 
 
 def merge_pools(first: PairPool, second: PairPool) -> PairPool:
