@@ -29,8 +29,8 @@ from pathlib import Path
 
 import psutil
 
-from dynface.cli import OFFLINE_ENV
-from dynface.packs import read_manifest
+from app.cli import OFFLINE_ENV
+from dynface.packs.manifest import read_manifest
 from dynface.paths import REPO_ROOT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             src = scratch / f"src{n}"
             write_faces(src, n, resolution, seed=n)
             cmd = [
-                sys.executable, "-m", "dynface.cli", "restore", str(src), str(scratch / f"out{n}"),
+                sys.executable, "-m", "app.cli", "restore", str(src), str(scratch / f"out{n}"),
                 "--pack", pack, "--aligned", "--shard-size", str(args.shard_size), "--device", "cpu",
             ]  # fmt: skip
             for opt in options:

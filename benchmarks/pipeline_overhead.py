@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from dynface.cli import apply_offline_env, parse_option
-from dynface.pack_writer import write_random_pack
+from app.cli import apply_offline_env, parse_option
+from dynface.packs.writer import write_random_pack
 from dynface.paths import REPO_ROOT
 
 STARTER_MANIFEST = REPO_ROOT / "weights" / "starter" / "manifest.json"
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         parser.error("--n must be >= 1")
     apply_offline_env(quiet=True)
-    from dynface.packs import read_manifest
+    from dynface.packs.manifest import read_manifest
     from dynface.restorer import Restorer
     from flows.restore_archive import restore_archive
 

@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from dynface.diffusion import Diffusion
-from dynface.guidance import GuidanceTargets
-from dynface.memory import PeakMemory, available_bytes, batch_size_for_budget, measure_in_subprocess
+from dynface.core.diffusion import Diffusion
+from dynface.core.guidance import GuidanceTargets
+from dynface.core.memory import PeakMemory, available_bytes, batch_size_for_budget, measure_in_subprocess
+from dynface.core.sampler import SampleBatch, SamplerConfig, sample
 from dynface.models.dgsa import build_dgsa
 from dynface.models.unet import build_unet
-from dynface.packs import read_manifest
-from dynface.sampler import SampleBatch, SamplerConfig, sample
+from dynface.packs.manifest import read_manifest
 
 
 def make_batch(

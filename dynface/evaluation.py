@@ -8,7 +8,7 @@ Full-reference metrics are computed at that resolution for PSNR/SSIM; identity d
 dlib models, which need larger faces, so both images are first upscaled (bicubic) to `id_size`.
 The Fréchet distance compares the restored set with the GT set on the named feature extractor
 (dlib's 128-D face descriptor unless FID Inception weights are supplied), and is always labelled.
-Supplied weights (dynface.supplied_metrics) add the ArcFace angle, LPIPS and DISTS, computed on the same
+Supplied weights (dynface.metrics.supplied) add the ArcFace angle, LPIPS and DISTS, computed on the same
 `id_size` faces.
 """
 
@@ -23,20 +23,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dynface.degrade import DIFFACE_RANGES, celeba_test_grid, degrade_pair, random_test_params
-from dynface.dsst import iter_images
-from dynface.metrics import (
-    FeatureExtractor,
-    IdentityEmbedder,
-    dlib_descriptor_extractor,
-    frechet_distance,
-    identity_distance,
-    landmark_distance,
-    psnr,
-    ssim,
-)
+from dynface.images.degrade import DIFFACE_RANGES, celeba_test_grid, degrade_pair, random_test_params
+from dynface.images.folders import iter_images
+from dynface.metrics.fid import FeatureExtractor, dlib_descriptor_extractor, frechet_distance
+from dynface.metrics.fidelity import psnr, ssim
+from dynface.metrics.identity import IdentityEmbedder, identity_distance, landmark_distance
+from dynface.metrics.supplied import SuppliedMetrics
 from dynface.restorer import Restorer
-from dynface.supplied_metrics import MetricWeights, SuppliedMetrics
 
 # The ablation ladder: row label -> method ("lq" is the degraded input itself).
 ABLATION: tuple[tuple[str, str], ...] = (
@@ -277,36 +270,3 @@ def read_holdout_names(pack_dir_or_file: str) -> list[str] | None:
         return None
     with fs.open(path, "r") as f:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
-
-
-def run_evaluation(
-    *,
-    pack: str,
-    hq: str,
-    out: str,
-    protocol: str = "random",
-    limit: int | None = 40,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    holdout: str | None = None,
-    overrides: dict | None = None,
-    seed: int = 2025,
-    weights: MetricWeights | None = None,
-) -> tuple[str, Evaluation]:
-    """Build the set, restore with every method, write the report; returns (report URI, evaluation)."""
-    from dynface.report import write_report
-
-    restorer = Restorer.from_pack(pack, overrides=overrides)
-    names = read_holdout_names(holdout) if holdout else None
-    eval_set = build_eval_set(
-        hq, resolution=restorer.resolution, protocol=protocol, limit=limit, seed=seed, names=names
-    )
-    supplied = SuppliedMetrics.load(weights)
-    evaluation = evaluate_variants(restorer, eval_set, methods=methods, supplied=supplied)
-    notes = (
-        f"Pack `{restorer.pack.manifest.name}` ({restorer.pack.manifest.uri}), resolution"
-        f" {restorer.resolution} px, protocol `{protocol}` (seed {seed}) on {len(eval_set.names)} HQ faces"
-        f" from `{hq}`{' (held-out split ' + holdout + ')' if holdout else ''}."
-        + (f" Supplied-weight metrics: {', '.join(supplied.columns)}." if supplied.columns else "")
-    )
-    report = write_report(evaluation, out, title="DynFace evaluation", notes=notes)
-    return report, evaluation

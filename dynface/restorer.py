@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynface.dblm import DBLMOutput, plan_levels, run_dblm, to_reference_std
-from dynface.diffusion import Diffusion
-from dynface.memory import PeakMemory, available_bytes, batch_size_for_budget
-from dynface.packs import LoadedPack, load_pack
-from dynface.sampler import SampleBatch, SamplerConfig, StepInfo, sample
+from dynface.core.dblm import DBLMOutput, plan_levels, run_dblm, to_reference_std
+from dynface.core.device import resolve_device
+from dynface.core.diffusion import Diffusion
+from dynface.core.memory import PeakMemory, available_bytes, batch_size_for_budget
+from dynface.core.sampler import SampleBatch, SamplerConfig, StepInfo, sample
+from dynface.packs.loading import LoadedPack, load_pack
 
 Method = Literal["full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only"]
 METHODS: tuple[str, ...] = ("full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only")
@@ -46,7 +47,7 @@ class RestoreConfig:
     difface_t_start: int = 400
     dblm_t_start: int = 999
     init_from: Literal["blurred", "restored"] = "blurred"  # [choice] §3.10
-    # RM(y) as the mean with the mirrored RM(mirror(y)) (dynface.dblm.restore_rm); off by default (the
+    # RM(y) as the mean with the mirrored RM(mirror(y)) (dynface.core.dblm.restore_rm); off by default (the
     # reference DifFace restorer runs RM once), on in packs whose manifest's sampler sets it.
     rm_flip_ensemble: bool = False
     batch_size: int = 8  # 0: the largest batch whose measured peak memory fits (CUDA; 8 on CPU)
@@ -136,10 +137,6 @@ def _valid_levels(stds: Tensor, valid: Tensor) -> tuple[float, ...]:
     return tuple(float(s) for s, v in zip(stds, valid) if v)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Restorer:
     """Holds a loaded pack on a device. `restore(faces)` is the only verb."""
 
@@ -168,7 +165,7 @@ class Restorer:
         cfg = config if config is not None else RestoreConfig().merged(dict(loaded.manifest.sampler))
         if overrides:
             cfg = cfg.merged(overrides)
-        dev = torch.device(device) if device is not None else default_device()
+        dev = resolve_device(device)
         return cls(loaded, cfg, dev)
 
     def with_config(self, **overrides: Any) -> Restorer:

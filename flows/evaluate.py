@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from dynface.evaluation import DEFAULT_METHODS, ablation_markdown, run_evaluation
-from dynface.supplied_metrics import MetricWeights
+from app.evaluate import run_evaluation
+from dynface.evaluation import DEFAULT_METHODS, ablation_markdown
+from dynface.metrics.supplied import MetricWeights
 
 
 @flow(name="evaluate")
@@ -26,7 +27,7 @@ def evaluate(
 ) -> str:
     """Restore a degraded CelebA-Test-style set with every method variant and write report.md.
     `arcface`, `fid_inception`, `vgg16`: user-supplied weight files that add the identity angle, the
-    Inception FID and LPIPS/DISTS (dynface.supplied_metrics)."""
+    Inception FID and LPIPS/DISTS (dynface.metrics.supplied)."""
     report, evaluation = run_evaluation(
         pack=pack,
         hq=hq,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from dynface.raylocal import connect_ray
+from app.raylocal import connect_ray
 from dynface.restorer import Method
 from tasks.bucket import bucket
 from tasks.commit import RunSummary, commit, finalize, write_run_row

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dynface.diffusion import linear_betas
-from dynface.dsst import build_dsst_table, iter_images, mean_power_spectrum, plot_dsst_table
+from dynface.core.diffusion import linear_betas
+from dynface.core.dsst import build_dsst_table, mean_power_spectrum
+from dynface.core.dsst_files import save_dsst_table
+from dynface.core.dsst_plot import plot_dsst_table
+from dynface.images.folders import iter_images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         n_images=len(counted),
         source=", ".join(Path(s).name for s in args.sources),
     )
-    table.save(args.out)
+    save_dsst_table(table, args.out)
     if args.plot:
         plot_dsst_table(table, args.plot)
     print(

@@ -2,7 +2,7 @@
 
 Usage: python scripts/measure_face_template.py /path/to/shared/data
 
-Runs the HOG detector and 5-point predictor (dynface.faces.detect_faces) on the FFHQ and CelebA-HQ
+Runs the HOG detector and 5-point predictor (dynface.images.faces.detect_faces) on the FFHQ and CelebA-HQ
 crops of hq_aligned/ resized to 512 with PIL Lanczos, keeps images with exactly one face, and prints
 the per-source and overall mean landmark positions (numbers only; no image leaves the data folder).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dynface.faces import FFHQ_TEMPLATE_512, DetectorConfig, detect_faces
+from dynface.images.faces import FFHQ_TEMPLATE_512, DetectorConfig, detect_faces
 
 # FFHQ / CelebA-HQ framing only: UTKFace crops are tighter and PGDiff's references are of unknown alignment.
 SOURCES = (

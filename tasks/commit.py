@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from catalogs import IMAGE_STATUSES, Catalog
-from dynface.dblm import REFERENCE_RESOLUTION
+from dynface.core.dblm import REFERENCE_RESOLUTION
 from tasks.work import IMAGE_FIELDS, RunContext, read_rows
 
 IMAGE_KEYS = (*IMAGE_FIELDS, "output_uri", "compare_uri", "seconds")

@@ -17,8 +17,9 @@ from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dynface.faces import AlignedFace, DetectedFace, FaceCrops, invert_affine, paste_faces
-from dynface.imageio import encode_image, read_image
+from dynface.images.color import gray_rgb_u8
+from dynface.images.faces import AlignedFace, DetectedFace, FaceCrops, invert_affine, paste_faces
+from dynface.images.imageio import encode_image, read_image
 from tasks.work import (
     IMAGE_FIELDS,
     RunContext,
@@ -60,13 +61,6 @@ COMPOSE_FACE_COLUMNS = (
     "error",
 )
 COMPARE_MAX_SIDE = 1024
-_LUMA = np.array([0.299, 0.587, 0.114])
-
-
-def to_gray(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> three equal channels of BT.601 luma (grayscale inputs stay gray)."""
-    y = np.clip(np.rint(rgb.astype(np.float64) @ _LUMA), 0, 255).astype(np.uint8)
-    return np.repeat(y[..., None], 3, axis=2)
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, *, max_side: int = COMPARE_MAX_SIDE) -> np.ndarray:
@@ -156,7 +150,7 @@ def compose_image(ctx: RunContext, image: dict[str, Any], faces: list[dict[str, 
             continue
         pixels = read_png(face["restored_uri"])
         if crops.is_grayscale:
-            pixels = to_gray(pixels)
+            pixels = gray_rgb_u8(pixels)
         face["output_uri"] = ctx.face_uri(image["image_id"], aligned.index)
         write_png(face["output_uri"], pixels)
         restored.append(pixels)

@@ -14,8 +14,8 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dynface.faces import DetectorConfig, FaceCrops, align_faces, aligned_input, detect_faces
-from dynface.imageio import ImageReadError, LoadedImage, read_image
+from dynface.images.faces import DetectorConfig, FaceCrops, align_faces, aligned_input, detect_faces
+from dynface.images.imageio import ImageReadError, LoadedImage, read_image
 from tasks.work import IMAGE_FIELDS, RunContext, read_bytes, read_rows, short_error, write_png, write_rows
 
 DETECT_IMAGE_COLUMNS = ("shard", *IMAGE_FIELDS, "seconds")

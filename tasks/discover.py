@@ -24,9 +24,9 @@ from prefect.cache_policies import NO_CACHE
 
 import dynface
 from catalogs import Catalog
-from dynface.faces import DetectorConfig
-from dynface.imageio import IMAGE_EXTENSIONS
-from dynface.packs import read_manifest
+from dynface.images.faces import DetectorConfig
+from dynface.images.imageio import IMAGE_EXTENSIONS
+from dynface.packs.manifest import read_manifest
 from dynface.restorer import RestoreConfig
 from tasks.work import RunContext, is_inside, join_uri, normalize_uri, path_to_uri, write_rows
 

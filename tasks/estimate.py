@@ -11,10 +11,10 @@ import json
 from typing import Any
 
 import numpy as np
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from dynface.core.device import resolve_device
 from dynface.restorer import FaceEstimate, Restorer
 from tasks.work import BUCKET_WIDTH, RunContext, chunks, read_png, read_rows, write_rows
 
@@ -32,15 +32,6 @@ ESTIMATE_COLUMNS = (
 )
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when this process sees a GPU, else cpu; "cuda" without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no GPU")
-    return device
-
-
 @functools.lru_cache(maxsize=2)
 def _cached_restorer(pack: str, overrides_json: str, device: str) -> Restorer:
     return Restorer.from_pack(pack, overrides=json.loads(overrides_json), device=device)
@@ -48,7 +39,8 @@ def _cached_restorer(pack: str, overrides_json: str, device: str) -> Restorer:
 
 def restorer_for(ctx: RunContext) -> Restorer:
     """The run's Restorer in this process, loaded once (the estimate stage runs once per shard)."""
-    return _cached_restorer(ctx.pack, json.dumps(ctx.overrides, sort_keys=True), resolve_device(ctx.device))
+    device = str(resolve_device(ctx.device))
+    return _cached_restorer(ctx.pack, json.dumps(ctx.overrides, sort_keys=True), device)
 
 
 def estimate_faces(restorer: Restorer, crops: list[np.ndarray]) -> list[FaceEstimate]:

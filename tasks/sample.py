@@ -22,8 +22,8 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from dynface.core.device import resolve_device
 from dynface.restorer import FaceResult, Restorer
-from tasks.estimate import resolve_device
 from tasks.work import RunContext, read_png, read_rows, report_progress, short_error, write_png, write_rows
 
 SAMPLE_COLUMNS = (

@@ -1,7 +1,7 @@
 """Stage 7, score: no-reference consistency scores per restored face.
 
 identity_similarity: cosine similarity of dlib face descriptors, input crop vs restored crop
-(`dynface.metrics.identity_similarity`); null when dlib finds no face in either crop or the
+(`dynface.metrics.identity.identity_similarity`); null when dlib finds no face in either crop or the
 metrics module is unavailable. The guidance residual comes from the sampler (stage 5).
 """
 
@@ -23,9 +23,9 @@ Similarity = Callable[[np.ndarray, np.ndarray], float]
 
 
 def identity_scorer() -> Similarity | None:
-    """`dynface.metrics.identity_similarity`, or None when it cannot be imported here."""
+    """`dynface.metrics.identity.identity_similarity`, or None when it cannot be imported here."""
     try:
-        from dynface.metrics import identity_similarity
+        from dynface.metrics.identity import identity_similarity
     except Exception:  # noqa: BLE001 - scores are optional; the run records nulls instead
         return None
     return identity_similarity

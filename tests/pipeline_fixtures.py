@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dynface.raylocal import RAY_HOME_ENV, RayConnection, connect_ray
+from app.raylocal import RAY_HOME_ENV, RayConnection, connect_ray
 
 __all__ = ["local_ray", "prefect_api"]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynface.blur import (
+from dynface.core.blur import (
     gaussian_blur,
     gaussian_blur_adjoint,
     gaussian_kernel1d,

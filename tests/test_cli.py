@@ -13,8 +13,8 @@ from make_bad_inputs import synthetic_face
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
-from dynface.cli import OFFLINE_ENV, SUBCOMMANDS, build_parser, main, parse_option
-from dynface.pack_writer import write_random_pack
+from app.cli import OFFLINE_ENV, SUBCOMMANDS, build_parser, main, parse_option
+from dynface.packs.writer import write_random_pack
 
 
 @pytest.fixture

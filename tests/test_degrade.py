@@ -1,4 +1,4 @@
-"""Tests for dynface.degrade against hand computations and independent numpy references."""
+"""Tests for dynface.images.degrade against hand computations and independent numpy references."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynface.degrade import (
+from dynface.images.degrade import (
     CODEFORMER_LARGE_RANGES,
     DIFFACE_RANGES,
     DegradationParams,

@@ -23,7 +23,7 @@ from make_bad_inputs import synthetic_face
 from PIL import Image
 
 from catalogs import Catalog
-from dynface.pack_writer import write_random_pack
+from dynface.packs.writer import write_random_pack
 from dynface.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynface.diffusion import Diffusion, StepOutput, linear_betas, space_timesteps
+from dynface.core.diffusion import Diffusion, StepOutput, linear_betas, space_timesteps
 
 RESPACINGS = ("ddim250", "1000")
 TABLES = (

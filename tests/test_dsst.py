@@ -12,18 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from dynface.dsst import (
+from dynface.core.dsst import (
     DSSTTable,
     build_dsst_table,
-    build_dsst_table_from_images,
     calibrate_tol,
     gap_curve,
-    iter_images,
     mean_power_spectrum,
-    plot_dsst_table,
     radial_frequency,
     start_step_for_std,
 )
+from dynface.core.dsst_files import build_dsst_table_from_images, load_dsst_table, save_dsst_table
+from dynface.core.dsst_plot import plot_dsst_table
+from dynface.images.folders import iter_images
 
 ALPHAS = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
 REDUCTIONS = ("max", "mean", "scalar")
@@ -208,15 +208,15 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         psd, ALPHAS, resolution=64, std_min=0.3, std_max=4.0, source="synthetic", n_images=7
     )
     local = tmp_path / "nested" / "dsst.json"
-    table.save(str(local))
-    loaded = DSSTTable.load(str(local))
+    save_dsst_table(table, str(local))
+    loaded = load_dsst_table(str(local))
     assert loaded == table
     assert loaded.tol == table.tol and loaded.created == table.created and loaded.t_range == table.t_range
     assert loaded.stds.dtype == np.float64 and loaded.t_starts.dtype == np.int64
     np.testing.assert_array_equal(loaded.stds, table.stds)
     uri = "memory://dsst-test/tables/dsst.json"
-    table.save(uri)
-    assert DSSTTable.load(uri) == table
+    save_dsst_table(table, uri)
+    assert load_dsst_table(uri) == table
     assert DSSTTable.from_json(table.to_json()) == table
     assert table != _hand_table()
     with pytest.raises(ValueError):

@@ -10,10 +10,10 @@ import pytest
 from make_bad_inputs import synthetic_face
 from PIL import Image
 
-from dynface.cli import main as cli_main
+from app.cli import main as cli_main
 from dynface.evaluation import DEFAULT_METHODS, build_eval_set, evaluate_variants, read_holdout_names
-from dynface.metrics import psnr
-from dynface.pack_writer import write_random_pack
+from dynface.metrics.fidelity import psnr
+from dynface.packs.writer import write_random_pack
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,9 @@ def test_cli_evaluate_adds_the_metrics_of_supplied_weights(hq_folder: Path, tmp_
     the library's own metric functions on the same id_size faces."""
     import torch
 
-    from dynface import metric_nets, perceptual
     from dynface.evaluation import _resize_u8
+    from dynface.metrics import nets as metric_nets
+    from dynface.metrics import perceptual
 
     if perceptual.default_head_path("lpips") is None or perceptual.default_head_path("dists") is None:
         pytest.skip("LPIPS/DISTS HEADS MISSING: install lpips==0.1.4 and dists-pytorch==0.1 with --no-deps")

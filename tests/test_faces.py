@@ -1,4 +1,4 @@
-"""dynface.faces: alignment maths, warp/paste round trips, seams, grayscale, and dlib detection."""
+"""dynface.images.faces: alignment maths, warp/paste round trips, seams, grayscale, and dlib detection."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from make_bad_inputs import jpeg_with_orientation, smooth_image, synthetic_face, write_bad_inputs
 from PIL import Image
 
-from dynface.faces import (
+from dynface.images.faces import (
     DLIB5_TEMPLATE_512,
     FFHQ_TEMPLATE_512,
     DetectedFace,
@@ -24,7 +24,7 @@ from dynface.faces import (
     paste_faces,
     warp_affine,
 )
-from dynface.imageio import read_image
+from dynface.images.imageio import read_image
 
 
 def _similarity(scale: float, angle_deg: float, tx: float, ty: float) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_train import _write_faces
 
-from dynface.degrade import DIFFACE_RANGES, degrade_pair, sample_params
+from dynface.images.degrade import DIFFACE_RANGES, degrade_pair, sample_params
 from dynface.train.common import LoopConfig
 from dynface.train.data import list_faces, resize_bicubic
 from dynface.train.fresh_pairs import FreshPairBatches, FreshPairStream, face_array_file

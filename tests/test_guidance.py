@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dynface.blur import gaussian_blur
-from dynface.guidance import (
+from dynface.core.blur import gaussian_blur
+from dynface.core.guidance import (
     GuidanceTargets,
     active_weights,
     closed_form_gradient,

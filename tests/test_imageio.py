@@ -1,4 +1,4 @@
-"""dynface.imageio: every odd or broken input either decodes correctly or raises ImageReadError."""
+"""dynface.images.imageio: every odd or broken input either decodes correctly or raises ImageReadError."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from make_bad_inputs import (
 )
 from PIL import Image, ImageOps
 
-from dynface.imageio import (
+from dynface.images.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
     LoadedImage,

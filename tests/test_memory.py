@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynface.memory import PeakMemory, batch_size_for_budget, measure_in_subprocess
+from dynface.core.memory import PeakMemory, batch_size_for_budget, measure_in_subprocess
 
 
 def _allocate(n_bytes: int) -> int:

@@ -11,23 +11,22 @@ import torch
 from PIL import Image, ImageFilter
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from dynface import metric_nets
-from dynface.metrics import (
+from dynface.metrics import nets as metric_nets
+from dynface.metrics.fid import (
     FeatureExtractor,
-    IdentityEmbedder,
     dlib_descriptor_extractor,
     fid,
     frechet_distance,
+    inception_extractor,
+)
+from dynface.metrics.fidelity import psnr, ssim, y_channel
+from dynface.metrics.identity import (
+    IdentityEmbedder,
     identity_distance,
     identity_similarity,
-    inception_extractor,
     landmark_distance,
-    psnr,
-    report_pair,
-    score_pair,
-    ssim,
-    y_channel,
 )
+from dynface.metrics.pair import report_pair, score_pair
 
 GPEN = "hq_aligned/yangxy__GPEN/examples__ffhq-10__{:05d}.png"
 

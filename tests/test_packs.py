@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dynface.checkpoints import ChecksumError, load_state_dict
-from dynface.pack_writer import write_random_pack
-from dynface.packs import MissingWeightsError, load_pack, read_manifest
+from dynface.packs.loading import load_pack
+from dynface.packs.manifest import MissingWeightsError, read_manifest
+from dynface.packs.writer import write_random_pack
 
 
 @pytest.fixture(scope="module")

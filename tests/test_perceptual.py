@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynface import perceptual
+from dynface.metrics import perceptual
 
 REFERENCES_PRESENT = all(importlib.util.find_spec(p) for p in ("lpips", "DISTS_pytorch"))
 needs_references = pytest.mark.skipif(

@@ -14,8 +14,8 @@ from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api 
 
 import dynface
 from catalogs import Catalog
-from dynface.faces import aligned_input
-from dynface.pack_writer import write_random_pack
+from dynface.images.faces import aligned_input
+from dynface.packs.writer import write_random_pack
 from dynface.restorer import Restorer
 from tasks.bucket import plan_batches
 from tasks.discover import (

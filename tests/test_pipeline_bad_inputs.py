@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
 from catalogs import Catalog
-from dynface.pack_writer import write_random_pack
+from dynface.packs.writer import write_random_pack
 from tasks.bucket import BATCH_COLUMNS, bucket_wave
 from tasks.commit import commit_shard_rows
 from tasks.compose import compose_shard

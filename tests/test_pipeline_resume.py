@@ -16,9 +16,9 @@ from make_bad_inputs import synthetic_face
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
+from app.cli import main
 from catalogs import Catalog
-from dynface.cli import main
-from dynface.pack_writer import write_random_pack
+from dynface.packs.writer import write_random_pack
 from dynface.paths import REPO_ROOT
 
 N_IMAGES = 6
@@ -45,7 +45,7 @@ def test_killed_run_resumes_with_one_ok_row_per_image(prefect_api, local_ray, tm
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": local_ray.address}
     log = (tmp_path / "first_run.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dynface.cli", *args], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "app.cli", *args], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
     )
     try:
         deadline = time.monotonic() + 300

@@ -16,9 +16,9 @@ from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 from s3_server import S3Server, s3_server
 
+from app.cli import main
 from catalogs import Catalog
-from dynface.cli import main
-from dynface.pack_writer import write_random_pack
+from dynface.packs.writer import write_random_pack
 
 OPTIONS = {"respacing": "ddim5"}
 # Source keys under s3://archive/photos/ -> (image format, side in pixels).

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from make_bad_inputs import synthetic_face
 
-from dynface.pack_writer import write_random_pack
-from dynface.raylocal import RAY_HOME_ENV, connect_ray, ray_start_environment
+from app.raylocal import RAY_HOME_ENV, connect_ray, ray_start_environment
+from dynface.packs.writer import write_random_pack
 from dynface.restorer import Restorer
 from tasks.bucket import BATCH_COLUMNS
 from tasks.sample import get_actors, plan_actors, release_actors, run_batches

@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
 from catalogs import Catalog
-from dynface.pack_writer import write_random_pack
+from dynface.packs.writer import write_random_pack
 from dynface.paths import REPO_ROOT
 
 SNAPSHOT = Path(__file__).parent / "regression" / "restore_snapshot.json"
@@ -48,6 +48,11 @@ def write_photos(folder: Path) -> Path:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pixels(uri: str) -> np.ndarray:
+    with Image.open(uri) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def _run(source: Path, dest: Path, pack: str, *, aligned: bool) -> dict[str, Any]:
@@ -84,7 +89,7 @@ def _run(source: Path, dest: Path, pack: str, *, aligned: bool) -> dict[str, Any
         "faces": face_rows,
         "outputs": {str(p.relative_to(dest)): _sha256(p) for p in outputs},
         "face_pixels": {
-            f"{path_of[r['image_id']]}#{int(r['face_index'])}": np.asarray(Image.open(r["output_uri"]).convert("RGB"))
+            f"{path_of[r['image_id']]}#{int(r['face_index'])}": _pixels(r["output_uri"])
             for r in faces.to_dict("records")
             if r["status"] == "ok"
         },

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dynface.dblm import guidance_stds
-from dynface.pack_writer import write_random_pack
+from dynface.core.dblm import guidance_stds
+from dynface.packs.writer import write_random_pack
 from dynface.restorer import METHODS, RestoreConfig, Restorer, face_seed
 
 FAST = {"respacing": "ddim10", "batch_size": 2}
@@ -139,7 +139,7 @@ def _counting(fn, calls: dict[str, int], name: str):
 def test_rm_flip_ensemble_averages_rm_and_its_mirror(restorer: Restorer, faces: list[np.ndarray]) -> None:
     import torch
 
-    from dynface.dblm import restore_rm
+    from dynface.core.dblm import restore_rm
 
     rm = restorer.pack.rm
     crops = [f[:32, :32] for f in faces]  # at the pack's resolution: no resizing around RM

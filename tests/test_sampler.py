@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dynface.dblm import run_dblm
-from dynface.diffusion import Diffusion
-from dynface.pack_writer import write_random_pack
-from dynface.packs import LoadedPack, load_pack
-from dynface.sampler import SampleBatch, SamplerConfig, StepInfo, sample, start_indices
+from dynface.core.dblm import run_dblm
+from dynface.core.diffusion import Diffusion
+from dynface.core.sampler import SampleBatch, SamplerConfig, StepInfo, sample, start_indices
+from dynface.packs.loading import LoadedPack, load_pack
+from dynface.packs.writer import write_random_pack
 
 RES = 32
 

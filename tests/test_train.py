@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dynface.blur import gaussian_blur
-from dynface.diffusion import linear_betas
-from dynface.dsst import build_dsst_table, mean_power_spectrum
+from dynface.core.blur import gaussian_blur
+from dynface.core.diffusion import linear_betas
+from dynface.core.dsst import build_dsst_table, mean_power_spectrum
 from dynface.models.se import StdEstimator
 from dynface.models.swinir import build_swinir
-from dynface.packs import load_pack
+from dynface.packs.loading import load_pack
 from dynface.restorer import Restorer
 from dynface.train.common import LoopConfig, ema_update, warmup_cosine
 from dynface.train.data import (
@@ -257,7 +257,7 @@ def test_dgsa_overfits_and_resumes(tmp_path: Path) -> None:
 
 
 def _random_vgg16_file(path: Path) -> str:
-    from dynface.perceptual import VGG16Features
+    from dynface.metrics.perceptual import VGG16Features
 
     torch.manual_seed(0)
     torch.save(VGG16Features().state_dict(), path)  # torchvision's key names: features.N.weight/bias
@@ -265,7 +265,7 @@ def _random_vgg16_file(path: Path) -> str:
 
 
 def test_dgsa_loss_gets_the_dists_term_with_vgg16_weights(tmp_path: Path) -> None:
-    from dynface.perceptual import default_head_path
+    from dynface.metrics.perceptual import default_head_path
     from dynface.train.dgsa import dists_loss
 
     if default_head_path("dists") is None:
@@ -374,7 +374,7 @@ def test_split_rule_uses_sha256_prefixes(tmp_path: Path) -> None:
 
 def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dynface.train.data as train_data
-    from dynface.perceptual import default_head_path
+    from dynface.metrics.perceptual import default_head_path
 
     data = tmp_path / "data"
     _write_faces(data / "src", 12, 32)

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline_fixtures import *  # noqa: F403 - the shared fixture prefect_api
 from test_train import _write_faces
 
-from dynface.packs import load_pack
+from dynface.packs.loading import load_pack
 from dynface.train.data import UTKFACE_SOURCE, list_faces, split_faces
 from dynface.train.plan import starter_plan
 from dynface.train.starter import recipe_pools

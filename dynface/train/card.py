@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dynface.dsst import DSSTTable
+from dynface.core.dsst import DSSTTable
 from dynface.train.data import HOLDOUT_PREFIXES, FaceFile
 from dynface.train.evaluate import EvalResult
 from dynface.train.se import SETrainConfig
@@ -146,9 +146,9 @@ def render_card(facts: CardFacts) -> str:
         lines += [
             f"Excluded from the prior: {', '.join(f'`{x}`' for x in facts.excluded_sources)}. The UTKFace",
             "crops are framed much tighter than FFHQ/CelebA-HQ and our aligner's crops; re-aligned with",
-            "`dynface.faces` (`realign_tight_crop`), their pixels fill only ~39 % of the FFHQ-framed crop",
-            "(35–46 %, `scripts/measure_utk_coverage.py`), the rest would be padding: the prior, DGSA and",
-            "the DSST table keep one FFHQ framing.",
+            "`dynface.images.faces` (`realign_tight_crop`), their pixels fill only ~39 % of the",
+            "FFHQ-framed crop (35–46 %, `scripts/measure_utk_coverage.py`), the rest would be padding:",
+            "the prior, DGSA and the DSST table keep one FFHQ framing.",
         ]
         if extra:
             lines += [

@@ -1,7 +1,7 @@
 """Training faces: which files, the fixed held-out split, decoding/caching, and synthetic LQ/GT pairs.
 
 Framing decision (shared/data/README.md): the CelebA-HQ/FFHQ/PGDiff crops share FFHQ framing (face centred,
-hair included), which is also how `lq_real_aligned` and our own aligner (dynface.faces) crop faces. The
+hair included), which is also how `lq_real_aligned` and our own aligner (dynface.images.faces) crop faces. The
 UTKFace crops are framed much tighter; mixing them in would teach the prior a second, zoomed-in face
 layout that inference never sees. Re-aligning them with our own aligner (`realign_tight_crop`) does not
 rescue them: the original pixels cover only ~39 % of the FFHQ-framed crop (35–46 % on 40 crops sampled
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dynface.degrade import (
+from dynface.images.degrade import (
     DIFFACE_RANGES,
     DegradationRanges,
     degrade_pair,
@@ -102,8 +102,8 @@ class Realigned:
 def realign_tight_crop(rgb: np.ndarray, size: int) -> Realigned | None:
     """Re-frame a tightly cropped face (H, W, 3) uint8 to our template: reflect-pad by half its size so
     the detector sees a margin, take the detected face nearest the centre (the padding mirrors faces
-    too), align it with `dynface.faces`. None when no face is found."""
-    from dynface.faces import DetectorConfig, alignment_transform, detect_faces, warp_affine
+    too), align it with `dynface.images.faces`. None when no face is found."""
+    from dynface.images.faces import DetectorConfig, alignment_transform, detect_faces, warp_affine
 
     h, w = rgb.shape[:2]
     pad = max(h, w) // 2

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynface.dblm import run_dblm, to_reference_std
-from dynface.diffusion import Diffusion
-from dynface.dsst import DSSTTable
-from dynface.guidance import GuidanceTargets, closed_form_gradient, guidance_loss
+from dynface.core.dblm import run_dblm, to_reference_std
+from dynface.core.diffusion import Diffusion
+from dynface.core.dsst import DSSTTable
+from dynface.core.guidance import GuidanceTargets, closed_form_gradient, guidance_loss
 from dynface.models.dgsa import DGSA, build_dgsa
 from dynface.train.common import (
     LoopConfig,
@@ -39,8 +39,8 @@ Perceptual = Callable[[Tensor, Tensor], Tensor]
 
 
 def dists_loss(vgg16: str, head: str | None = None) -> Perceptual:
-    """Mean DISTS between two (B, 3, H, W) batches in [−1, 1] (dynface.perceptual; frozen VGG16)."""
-    from dynface.perceptual import DISTS
+    """Mean DISTS between two (B, 3, H, W) batches in [−1, 1] (dynface.metrics.perceptual; frozen VGG16)."""
+    from dynface.metrics.perceptual import DISTS
 
     net = DISTS.from_files(vgg16, head)
 
@@ -81,7 +81,7 @@ class FrozenNets:
     std_range: tuple[float, float]
     resolution: int
     fixed_std: float | None = None
-    rm_flip_ensemble: bool = False  # as the pack's sampler will run RM (dynface.dblm.restore_rm)
+    rm_flip_ensemble: bool = False  # as the pack's sampler will run RM (dynface.core.dblm.restore_rm)
 
 
 def guided_step_x0(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from dynface.degrade import DIFFACE_RANGES, degrade_pair, sample_params
+from dynface.images.degrade import DIFFACE_RANGES, degrade_pair, sample_params
 from dynface.restorer import Restorer
 
 EVAL_SEED = 2024

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dynface.degrade import DIFFACE_RANGES, DegradationRanges, degrade_pair, sample_params
+from dynface.images.degrade import DIFFACE_RANGES, DegradationRanges, degrade_pair, sample_params
 from dynface.train.data import FaceFile, faces_cache_key, load_image_u8, resize_bicubic
 
 

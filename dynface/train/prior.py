@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dynface.diffusion import Diffusion
+from dynface.core.diffusion import Diffusion
 from dynface.models.unet import DifFaceUNet, build_unet
 from dynface.train.common import (
     LoopConfig,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynface.blur import gaussian_blur
+from dynface.core.blur import gaussian_blur
 from dynface.models.se import StdEstimatorNet, build_sde
 from dynface.train.common import (
     LoopConfig,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynface.blur import gaussian_blur
+from dynface.core.blur import gaussian_blur
 from dynface.models.se import StdEstimator
 from dynface.train.common import (
     LoopConfig,

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynface.diffusion import linear_betas
-from dynface.dsst import DSSTTable, build_dsst_table, mean_power_spectrum, plot_dsst_table
+from dynface.core.diffusion import linear_betas
+from dynface.core.dsst import DSSTTable, build_dsst_table, mean_power_spectrum
+from dynface.core.dsst_plot import plot_dsst_table
 from dynface.models.swinir import build_swinir
-from dynface.pack_writer import write_pack
+from dynface.packs.writer import write_pack
 from dynface.paths import shared_dir
 from dynface.restorer import Restorer
 from dynface.train.card import CardFacts, render_card
@@ -93,7 +94,7 @@ def _stage_summary(result: LoopResult) -> dict[str, Any]:
 
 def reused_prior(pack_dir: Path, plan: StarterPlan) -> tuple[LoopResult, dict[str, Any]]:
     """The prior of an existing pack (its config must match the plan's) and its recorded summary."""
-    from dynface.packs import load_pack
+    from dynface.packs.loading import load_pack
 
     loaded = load_pack(str(pack_dir / "manifest.json"))
     if loaded.manifest.components["prior"].config != plan.prior.unet:

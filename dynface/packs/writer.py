@@ -16,8 +16,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from dynface.checkpoints import sha256_hex
-from dynface.diffusion import linear_betas
-from dynface.dsst import DSSTTable, build_dsst_table, radial_frequency
+from dynface.core.diffusion import linear_betas
+from dynface.core.dsst import DSSTTable, build_dsst_table, radial_frequency
 from dynface.models.dgsa import build_dgsa
 from dynface.models.se import build_sde
 from dynface.models.swinir import build_swinir, small_params

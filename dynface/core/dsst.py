@@ -22,19 +22,16 @@ PSD (build_dsst_table's default), or pass psd·(512/res)² to mimic the 512-px s
 
 from __future__ import annotations
 
-import io
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import fsspec
 import numpy as np
-from PIL import Image
 
-from dynface.blur import gaussian_transfer_sq
+from dynface.core.blur import gaussian_transfer_sq
 
 REDUCTIONS = ("max", "mean", "scalar")
 _FORMAT = "dynface.dsst_table/1"
@@ -62,7 +59,7 @@ def _as_unit_float(image: np.ndarray) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-def _psd_and_count(images: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
+def psd_and_count(images: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
     total: np.ndarray | None = None
     count = 0
     for image in images:
@@ -86,7 +83,7 @@ def mean_power_spectrum(images: Iterable[np.ndarray]) -> np.ndarray:
     images: each (H, W, C), float in [0, 1] or uint8, all the same size. Returns (H, W) float64 on the
     unshifted FFT grid (matches `radial_frequency(H, W)`).
     """
-    return _psd_and_count(images)[0]
+    return psd_and_count(images)[0]
 
 
 def _check_inputs(
@@ -316,23 +313,6 @@ class DSSTTable:
             raise ValueError(f"not a DSST table (format {data.get('format')!r}, expected {_FORMAT!r})")
         return cls(**{name: data[name] for name in cls.__dataclass_fields__})
 
-    def save(self, uri: str) -> None:
-        """Write to_json() to a local path or any fsspec URI (parent folders are created)."""
-        _write_bytes(uri, self.to_json().encode("utf-8"))
-
-    @classmethod
-    def load(cls, uri: str) -> DSSTTable:
-        with fsspec.open(uri, "r", encoding="utf-8") as fh:
-            return cls.from_json(fh.read())
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(data)
 
 
 def _std_grid(std_min: float, std_max: float, std_step: float) -> np.ndarray:
@@ -391,74 +371,3 @@ def build_dsst_table(
         source=source,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-
-
-def iter_images(
-    uri: str,
-    *,
-    resolution: int,
-    limit: int | None = None,
-    exts: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp"),
-) -> Iterator[np.ndarray]:
-    """Images under a folder or prefix (recursive, sorted by path), RGB, resized to resolution×resolution
-    (bicubic; non-square inputs are stretched, which suits aligned face crops) -> (H, W, 3) float32 in [0, 1].
-    """
-    if resolution < 1:
-        raise ValueError(f"resolution must be >= 1, got {resolution}")
-    fs, root = fsspec.core.url_to_fs(uri)
-    wanted = tuple(e.lower() for e in exts)
-    paths = sorted(p for p in fs.find(root) if p.lower().endswith(wanted))
-    if limit is not None:
-        paths = paths[:limit]
-    for path in paths:
-        with fs.open(path, "rb") as fh:
-            image = Image.open(io.BytesIO(fh.read())).convert("RGB")
-        if image.size != (resolution, resolution):
-            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-        yield np.asarray(image, dtype=np.float32) / 255.0
-
-
-def build_dsst_table_from_images(
-    uri: str,
-    alphas_cumprod: np.ndarray,
-    *,
-    resolution: int,
-    std_min: float,
-    std_max: float,
-    limit: int | None = None,
-    **kw: Any,
-) -> DSSTTable:
-    """Mean PSD of the images under uri (see iter_images), then build_dsst_table (kw passed on)."""
-    psd, count = _psd_and_count(iter_images(uri, resolution=resolution, limit=limit))
-    return build_dsst_table(
-        psd,
-        alphas_cumprod,
-        resolution=resolution,
-        std_min=std_min,
-        std_max=std_max,
-        n_images=count,
-        source=uri,
-        **kw,
-    )
-
-
-def plot_dsst_table(table: DSSTTable, path_or_uri: str) -> None:
-    """PNG of t_start against std: raw and clamped curves with the t_range band (matplotlib Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    lo, hi = table.t_range
-    ax.axhspan(lo, hi, color="tab:green", alpha=0.15, label=f"t_range [{lo}, {hi}]")
-    ax.plot(table.stds, table.raw_t_starts, color="tab:gray", linestyle="--", label="raw")
-    ax.plot(table.stds, table.t_starts, color="tab:blue", label="clamped")
-    ax.set_xlabel(f"std (px at {table.resolution})")
-    ax.set_ylabel("t_start")
-    ax.set_title(f"DSST ({table.reduction}, tol {table.tol:.4g}, {table.n_images} images)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    _write_bytes(path_or_uri, buffer.getvalue())

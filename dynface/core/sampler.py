@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynface.diffusion import Diffusion
-from dynface.guidance import (
+from dynface.core.diffusion import Diffusion
+from dynface.core.guidance import (
     GuidanceTargets,
     LossNorm,
     closed_form_gradient,

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dynface.blur import gaussian_blur, gaussian_blur_adjoint
+from dynface.core.blur import gaussian_blur, gaussian_blur_adjoint
 
 LossNorm = Literal["l2", "l2_squared"]
 

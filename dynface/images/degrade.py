@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-# ITU-R BT.601 luma, the weights of cv2.COLOR_BGR2GRAY (here applied to RGB order).
-_LUMA_RGB = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# Gray degradations use BT.601 luma, the weights of cv2.COLOR_BGR2GRAY (here applied to RGB order).
+from dynface.images.color import gray_rgb
 
 
 @dataclass(frozen=True)
@@ -247,12 +247,6 @@ def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(decoded.convert("RGB"), dtype=np.float32) / np.float32(255.0)
 
 
-def to_gray(img: np.ndarray) -> np.ndarray:
-    """BT.601 luma of img (H, W, 3) RGB, replicated to 3 channels; float32."""
-    luma = img.astype(np.float32) @ _LUMA_RGB
-    return np.repeat(luma[:, :, None], 3, axis=2)
-
-
 def _check_hq(hq: np.ndarray) -> None:
     if hq.ndim != 3 or hq.shape[2] != 3:
         raise ValueError(f"hq must be (H, W, 3), got {hq.shape}")
@@ -284,8 +278,8 @@ def degrade_pair(
         x = jpeg_roundtrip(x, params.jpeg_quality)
     x = resize_linear(x, (w, h))
     if params.gray:
-        x = to_gray(x)
-        gt = to_gray(gt)
+        x = gray_rgb(x)
+        gt = gray_rgb(gt)
     lq = _to_uint8(x).astype(np.float32) / np.float32(255.0)
     return lq, gt
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynface.metric_nets import ArcFaceIdentity
-from dynface.metrics import FeatureExtractor, inception_extractor
-from dynface.perceptual import DISTS, LPIPS, load_vgg16_features, score_images
+from dynface.metrics.fid import FeatureExtractor, inception_extractor
+from dynface.metrics.nets import ArcFaceIdentity
+from dynface.metrics.perceptual import DISTS, LPIPS, load_vgg16_features, score_images
 
 
 @dataclass(frozen=True)

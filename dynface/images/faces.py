@@ -12,15 +12,15 @@ Landmark order (dlib's 5-point model, "left/right" as seen in the image):
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from dynface.imageio import is_grayscale_rgb
+from dynface.images.color import gray_rgb_u8, luma
+from dynface.images.dlib_models import dlib_model_path
+from dynface.images.imageio import is_grayscale_rgb
 
 # Spec section 4.6: the FFHQ-512 template of DifFace/facexlib (eye centres, nose tip, mouth corners),
 # image-left eye first. Kept for reference and checks; dlib's points need the template below.
@@ -54,7 +54,6 @@ DLIB5_TEMPLATE_512 = np.array(
 
 # DifFace's constant border colour for parts of the crop outside the image.
 BORDER_VALUE = (135, 133, 132)
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _FACE_MODEL = "shape_predictor_5_face_landmarks.dat"
 
 
@@ -130,23 +129,12 @@ class _DlibModels:
     predictor: object
 
 
-def model_dir() -> Path:
-    """Folder of the .dat files of the `face_recognition_models` package, found without importing
-    it (its __init__ imports pkg_resources, which recent setuptools no longer ships)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("package face-recognition-models is not installed (it ships the dlib .dat models)")
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
-
-
 @functools.cache
 def _dlib_models() -> _DlibModels:
     import dlib  # imported lazily: align/paste need no dlib
 
-    path = model_dir() / _FACE_MODEL
-    if not path.is_file():
-        raise RuntimeError(f"dlib 5-point model missing: {path}")
-    return _DlibModels(detector=dlib.get_frontal_face_detector(), predictor=dlib.shape_predictor(str(path)))
+    path = dlib_model_path(_FACE_MODEL)
+    return _DlibModels(detector=dlib.get_frontal_face_detector(), predictor=dlib.shape_predictor(path))
 
 
 def _check_rgb(rgb: np.ndarray) -> None:
@@ -384,11 +372,6 @@ def paste_mask(u: np.ndarray, v: np.ndarray, size: int) -> np.ndarray:
     return edge(np.asarray(u)) * edge(np.asarray(v))
 
 
-def _to_gray(rgb: np.ndarray) -> np.ndarray:
-    y = np.clip(np.rint(rgb.astype(np.float32) @ _LUMA), 0, 255).astype(np.uint8)
-    return np.repeat(y[..., None], 3, axis=-1)
-
-
 def paste_faces(rgb: np.ndarray, crops: FaceCrops, restored: list[np.ndarray | None]) -> np.ndarray:
     """Blend restored (S, S, 3) uint8 faces (None keeps the original) into a copy of the (H, W, 3)
     image, in order, with the soft mask of `paste_mask`. Pixels where the mask is 0 are returned
@@ -409,7 +392,7 @@ def paste_faces(rgb: np.ndarray, crops: FaceCrops, restored: list[np.ndarray | N
                 f"restored face {aligned.index} is {face.shape} {face.dtype}, expected {aligned.crop.shape}"
             )
         if crops.is_grayscale:
-            face = _to_gray(face)
+            face = gray_rgb_u8(face)
         if aligned.face is None:
             out = np.asarray(Image.fromarray(face).resize((w, h), Image.Resampling.BICUBIC)).copy()
             continue
@@ -443,6 +426,6 @@ def _paste_one(out: np.ndarray, aligned: AlignedFace, face: np.ndarray, gray: bo
     blended = region.astype(np.float32)
     blended += mask[:, :, None] * (sampled.astype(np.float32) - blended)
     if gray:
-        blended = (blended @ _LUMA)[:, :, None]
+        blended = luma(blended)[:, :, None]
     result = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     np.copyto(region, np.broadcast_to(result, region.shape), where=sel[:, :, None])

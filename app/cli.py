@@ -201,7 +201,7 @@ def add_pack_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_pack_random(args: argparse.Namespace) -> int:
-    from dynface.pack_writer import write_random_pack
+    from dynface.packs.writer import write_random_pack
 
     print(write_random_pack(args.folder, resolution=args.resolution, seed=args.seed))
     return 0
@@ -240,8 +240,9 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from dynface.evaluation import DEFAULT_METHODS, ablation_markdown, run_evaluation
-    from dynface.supplied_metrics import MetricWeights
+    from app.evaluate import run_evaluation
+    from dynface.evaluation import DEFAULT_METHODS, ablation_markdown
+    from dynface.metrics.supplied import MetricWeights
 
     methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
     weights = MetricWeights(

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dynface.blur import gaussian_blur
-from dynface.dsst import DSSTTable
-from dynface.guidance import GuidanceTargets
+from dynface.core.blur import gaussian_blur
+from dynface.core.dsst import DSSTTable
+from dynface.core.guidance import GuidanceTargets
 
 REFERENCE_RESOLUTION = 512
 

@@ -1,0 +1,1 @@
+"""Images and faces: decoding, colour, detection and alignment, paste-back, folders, degradations."""

@@ -1,0 +1,1 @@
+"""Model packs: the manifest (component -> file, sha256, config), loading the networks, writing packs."""
