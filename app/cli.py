@@ -1,10 +1,11 @@
 """The `dynface` command line.
 
-    dynface restore SRC DEST [--catalog URI] [--pack NAME|URI] [--aligned] [--method M]
+    dynface restore SRC DEST [--catalog URI] [--pack NAME|URI] [--weights-dir DIR] [--aligned] [--method M]
                     [--guidance dps|closed_form] [--device D] [--shard-size N] [--compare]
                     [--option key=value ...]
     dynface catalog sql CATALOG_URI "SELECT ..."
     dynface pack random DIR [--resolution 32]
+    dynface pack pin PACK --out DIR [--weights-dir DIR]
 
 Each subcommand is added by one `add_*_command(subparsers)` function listed in `SUBCOMMANDS`
 (no plugin discovery): a new command is one more function and one more entry. Heavy imports
@@ -61,6 +62,11 @@ def add_restore_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dest", help="output folder or URI (restored/, faces/, compare/, catalog/)")
     p.add_argument("--catalog", default=None, help="catalog URI (default: DEST/catalog)")
     p.add_argument("--pack", default="starter", help="pack name or manifest path/URI (default: starter)")
+    p.add_argument(
+        "--weights-dir",
+        default=None,
+        help="folder or URI prefix holding the pack's weight files (e.g. the official DifFace files)",
+    )
     p.add_argument("--aligned", action="store_true", help="inputs are aligned face crops (no detection)")
     p.add_argument("--method", default="full", help="restoration method (default: full)")
     p.add_argument("--guidance", choices=("dps", "closed_form"), default=None, help="default: the pack's")
@@ -125,8 +131,48 @@ def format_summary(summary: Any) -> str:
     return "\n".join(lines)
 
 
+def preflight(args: argparse.Namespace) -> str | None:
+    """Check the locations, the pack (every file located), the options and the device before anything
+    starts (no service, no output); returns
+    a note on what a CPU run of a large pack costs (None when there is nothing to say)."""
+    import fsspec
+
+    from app.costs import cpu_cost_note
+    from dynface.core.device import resolve_device
+    from dynface.packs.loading import load_dsst
+    from dynface.packs.manifest import resolve_pack
+    from dynface.restorer import config_for
+    from tasks.discover import check_locations, restore_overrides
+    from tasks.work import join_uri, normalize_uri
+
+    source, dest = normalize_uri(args.source), normalize_uri(args.dest)
+    check_locations(source, dest, normalize_uri(args.catalog) if args.catalog else join_uri(dest, "catalog"))
+    fs, path = fsspec.core.url_to_fs(source)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"source {args.source!r} does not exist")
+    manifest = resolve_pack(args.pack, weights_dir=args.weights_dir, measure_unpinned=False)
+    overrides = restore_overrides(method=args.method, guidance=args.guidance, options=dict(args.option))
+    config = config_for(manifest, overrides)
+    if resolve_device(args.device).type != "cpu":
+        return None
+    return cpu_cost_note(
+        config,
+        dsst=load_dsst(manifest),
+        has_se=manifest.has_se(),
+        resolution=manifest.resolution,
+        pack_name=manifest.name,
+    )
+
+
 def run_restore(args: argparse.Namespace) -> int:
     apply_offline_env(quiet=not args.verbose)
+    try:
+        note = preflight(args)
+    except Exception as err:  # noqa: BLE001 - a bad pack, option or device: one line, nothing started
+        print(f"dynface restore: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    if note:
+        print(note, file=sys.stderr)
     from flows.restore_archive import restore_archive
     from tasks.work import PROGRESS_LOGGER
 
@@ -142,6 +188,7 @@ def run_restore(args: argparse.Namespace) -> int:
             dest=args.dest,
             catalog=args.catalog,
             pack=args.pack,
+            weights_dir=args.weights_dir,
             aligned=args.aligned,
             shard_size=args.shard_size,
             device=args.device,
@@ -198,12 +245,31 @@ def add_pack_command(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--resolution", type=int, default=32)
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(handler=run_pack_random)
+    pin = sub.add_parser(
+        "pin", help="copy a pack's manifest with the sha256 of every file it finds filled in"
+    )
+    pin.add_argument("pack", help="pack name, manifest path/URI or folder (e.g. difface)")
+    pin.add_argument("--out", required=True, help="folder for the pinned manifest.yaml")
+    pin.add_argument("--weights-dir", default=None, help="folder or URI prefix holding the weight files")
+    pin.set_defaults(handler=run_pack_pin)
 
 
 def run_pack_random(args: argparse.Namespace) -> int:
     from dynface.packs.writer import write_random_pack
 
     print(write_random_pack(args.folder, resolution=args.resolution, seed=args.seed))
+    return 0
+
+
+def run_pack_pin(args: argparse.Namespace) -> int:
+    from dynface.packs.writer import pin_pack
+
+    try:
+        uri = pin_pack(args.pack, out=args.out, weights_dir=args.weights_dir)
+    except Exception as err:  # noqa: BLE001 - a missing file or wrong hash: one line, exit status 2
+        print(f"dynface pack pin: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    print(uri)
     return 0
 
 

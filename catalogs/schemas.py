@@ -1,8 +1,9 @@
 """Arrow schemas of the three catalog tables and the validation that guards every write.
 
 Each field may carry metadata that states its contract, checked by `conform_table`:
-`doc` (what it means), `allowed` (comma-separated values), `length` (fixed list length) and
-`format` (`json` or `sha256`). Non-nullable fields are the keys a resume or a join relies on.
+`doc` (what it means), `unit` (of a measured value), `allowed` (comma-separated values), `length`
+(fixed list length) and `format` (`json` or `sha256`). Non-nullable fields are the keys a resume or
+a join relies on.
 The partition column `run_id` lives in the folder names (`run_id=.../`), not inside part files.
 """
 
@@ -53,6 +54,13 @@ RUNS_SCHEMA = pa.schema(
         _f("catalog_uri", pa.string(), "root of this catalog"),
         _f("pack_name", pa.string(), "model pack name"),
         _f("pack_sha256", pa.string(), "JSON object component -> sha256", format="json"),
+        _f(
+            "pack_files_json",
+            pa.string(),
+            "JSON object component -> {uri, sha256, pinned}: the files the run loaded (pinned: the"
+            " manifest pins the hash; else it was measured when the run started)",
+            format="json",
+        ),
         _f("config_json", pa.string(), "full restoration config as JSON", format="json"),
         _config_hash(),
         _f("code_version", pa.string(), "package version + hash of the dynface and tasks sources"),
@@ -102,12 +110,20 @@ FACES_SCHEMA = pa.schema(
         _f("det_score", pa.float64(), "detector score"),
         _f("affine", pa.list_(pa.float64()), "2x3 image -> aligned crop matrix, row-major", length=6),
         _f("is_grayscale", pa.bool_(), "face restored as grayscale"),
-        _f("std_hat", pa.float64(), "estimated blur std (std*)"),
-        _f("std_final", pa.float64(), "blur std after the guidance updates"),
-        _f("t_start", pa.int32(), "diffusion start step from the DSST lookup"),
-        _f("bucket", pa.int32(), "t_start bucket the face was batched in"),
-        _f("eta", pa.float64(), "sampler eta"),
-        _f("guidance_levels", pa.list_(pa.float32()), "guidance scale per level"),
+        _f("std_hat", pa.float64(), "std*, the blur std guidance starts from", unit="px at 512"),
+        _f(
+            "std_source",
+            pa.string(),
+            "where std* came from: se (the pack's SE network) or fixed (no SE: the fixed_std option)",
+            allowed="se,fixed",
+        ),
+        _f("std_final", pa.float64(), "main level's blur std after the guidance updates", unit="px at 512"),
+        _f("t_start", pa.int32(), "diffusion start step (original 0-999 grid) from the DSST lookup"),
+        _f("bucket", pa.int32(), "t_start bucket the face was batched in (t_start // 50)"),
+        _f("eta", pa.float64(), "DDIM eta of the face's sampling"),
+        _f(
+            "guidance_levels", pa.list_(pa.float32()), "blur std of each guidance level", unit="px at 512"
+        ),
         _f("n_steps", pa.int32(), "sampling steps run"),
         _f("output_uri", pa.string(), "restored aligned face"),
         _f("identity_similarity", pa.float64(), "identity cosine similarity input vs output"),

@@ -27,6 +27,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_of(path_or_uri: str, *, block: int = 1 << 22) -> str:
+    """sha256 hex of a file (local or fsspec URI), streamed in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with fsspec.open(str(path_or_uri), "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_state_dict(path_or_uri: str, *, sha256: str | None = None) -> dict[str, Tensor]:
     """Load a checkpoint as `{name: tensor}`, ready for `load_state_dict(strict=True)`.
 

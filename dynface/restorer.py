@@ -1,112 +1,82 @@
-"""`Restorer`: one object, one verb. Aligned face crops in, restored faces plus diagnostics out."""
+"""`Restorer`: one object, one verb. Aligned face crops in, restored faces plus diagnostics out.
+
+A face's numbers before sampling (std*, levels, start step, η, seed) are its `FacePlan`
+(dynface.core.plan). `restore` plans the faces itself, or samples from plans made earlier by
+`plan` (the pipeline's estimate stage, which loads only SE and the DSST table: `load_planner`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynface.core.dblm import DBLMOutput, plan_levels, run_dblm, to_reference_std
+from dynface.core.config import METHODS, Method, RestoreConfig
+from dynface.core.dblm import guidance_targets, restore_rm, to_reference_std
 from dynface.core.device import resolve_device
 from dynface.core.diffusion import Diffusion
 from dynface.core.memory import PeakMemory, available_bytes, batch_size_for_budget
+from dynface.core.plan import SINGLE_LEVEL_METHODS, FacePlan, FacePlanner
 from dynface.core.sampler import SampleBatch, SamplerConfig, StepInfo, sample
-from dynface.packs.loading import LoadedPack, load_pack
+from dynface.packs.loading import LoadedPack, load_pack, load_planner_parts
+from dynface.packs.manifest import PackManifest, read_manifest
 
-Method = Literal["full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only"]
-METHODS: tuple[str, ...] = ("full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only")
-
-
-@dataclass(frozen=True)
-class RestoreConfig:
-    """How faces are restored. `method` picks the variant; the rest are the method's knobs.
-
-    Methods (the ablation ladder of the paper plus two baselines):
-      full            DBLM + DSST + DGSA + multi-guidance + kernel-std update (DynFaceRestore)
-      dblm_dsst_dgsa  single guidance level, no kernel update
-      dblm_dsst       single level, global guidance (A_t = 1)
-      dblm            DPS-style global guidance toward ý from t = 999: no DSST, no DGSA
-      difface         DifFace: RM(y) diffused to a fixed t = 400, unguided DDIM, η = 0.5
-      rm_only         the restorer RM alone
-    """
-
-    method: Method = "full"
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    offsets: tuple[float, ...] = (0.0, 1.0, 2.0)  # multi-guidance std offsets, pixels at 512
-    level_weights: tuple[float, ...] | None = None  # None: equal, renormalised over active levels
-    eta: float | None = None  # None: dynamic η = clip(std*/eta_divisor, 0, 1), std* at 512 px
-    eta_divisor: float = 10.0
-    fixed_std: float = 6.0  # pixels at 512: std* for packs without an SE network
-    difface_t_start: int = 400
-    dblm_t_start: int = 999
-    init_from: Literal["blurred", "restored"] = "blurred"  # [choice] §3.10
-    # RM(y) as the mean with the mirrored RM(mirror(y)) (dynface.core.dblm.restore_rm); off by default (the
-    # reference DifFace restorer runs RM once), on in packs whose manifest's sampler sets it.
-    rm_flip_ensemble: bool = False
-    batch_size: int = 8  # 0: the largest batch whose measured peak memory fits (CUDA; 8 on CPU)
-    seed: int = 12345
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
-        if self.batch_size < 0:
-            raise ValueError("batch_size must be >= 0 (0 = automatic)")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RestoreConfig:
-        """Flat dict (as stored in a pack's `sampler` section or given on a command line)."""
-        own = {f.name for f in fields(cls)} - {"sampler"}
-        sampler_keys = {f.name for f in fields(SamplerConfig)}
-        unknown = set(values) - own - sampler_keys
-        if unknown:
-            raise ValueError(f"unknown restore options: {sorted(unknown)}")
-        mine = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in own}
-        return cls(**mine, sampler=SamplerConfig(**{k: v for k, v in values.items() if k in sampler_keys}))
-
-    def merged(self, values: dict[str, Any]) -> RestoreConfig:
-        base = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sampler"}
-        base.update({f.name: getattr(self.sampler, f.name) for f in fields(SamplerConfig)})
-        base.update(values)
-        return RestoreConfig.from_dict(base)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sampler"}
-        out.update({f.name: getattr(self.sampler, f.name) for f in fields(SamplerConfig)})
-        return out
+__all__ = [
+    "METHODS",
+    "FacePlan",
+    "FaceResult",
+    "Method",
+    "RestoreConfig",
+    "Restorer",
+    "face_seed",
+    "load_planner",
+]
 
 
 @dataclass(frozen=True)
 class FaceResult:
+    """A restored face and how it was made. Stds are pixels at the pack's resolution unless `_512`."""
+
     image: np.ndarray  # (H, W, 3) uint8, same size as the input crop
     method: str
-    seed: int
-    std_hat: float  # std* in pixels at the pack's resolution (nan for rm_only)
-    std_hat_512: float  # the same in pixels at 512
-    std_final: tuple[float, ...]  # kernel stds of the levels after the updates
-    levels: tuple[float, ...]  # guidance level stds used (initial)
-    t_start: int
-    eta: float
+    plan: FacePlan
+    resolution: int  # the pack's
+    std_final: tuple[float, ...]  # kernel stds of the valid levels after the updates
     n_steps: int
     guidance_residual: float | None  # RMS ‖ý − k ⊛ x0‖ of the main level for the result, [-1, 1] units
     timings: dict[str, float]
 
+    @property
+    def seed(self) -> int:
+        return self.plan.seed
 
-@dataclass(frozen=True)
-class FaceEstimate:
-    """The DBLM stage's numbers for one face: what `restore` starts sampling from."""
+    @property
+    def std_hat(self) -> float:
+        return self.plan.std_hat_px
 
-    std_hat: float  # pixels at the pack's resolution
-    std_hat_512: float
-    t_start: int
-    eta: float
-    levels: tuple[float, ...]  # guidance level stds (pixels at the pack's resolution)
+    @property
+    def std_hat_512(self) -> float:
+        return float(to_reference_std(self.plan.std_hat_px, self.resolution))
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        """Guidance level stds used (initial, valid levels)."""
+        return self.plan.levels_px
+
+    @property
+    def t_start(self) -> int:
+        return self.plan.t_start
+
+    @property
+    def eta(self) -> float:
+        return self.plan.eta
 
 
 def face_seed(face: np.ndarray, base_seed: int) -> int:
@@ -132,13 +102,62 @@ def _to_uint8(x: Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def _valid_levels(stds: Tensor, valid: Tensor) -> tuple[float, ...]:
-    """The stds (L,) of the levels flagged valid (L,), as plain floats."""
-    return tuple(float(s) for s, v in zip(stds, valid) if v)
+def config_for(manifest: PackManifest, overrides: dict[str, Any] | None = None) -> RestoreConfig:
+    """The pack's stored sampler defaults, then `overrides`."""
+    cfg = RestoreConfig().merged(dict(manifest.sampler))
+    return cfg.merged(overrides) if overrides else cfg
+
+
+def load_planner(
+    pack: str | PackManifest,
+    *,
+    overrides: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[FacePlanner, torch.device]:
+    """A FacePlanner with only the pack's SE network and DSST table loaded (no prior, no RM)."""
+    manifest = pack if isinstance(pack, PackManifest) else read_manifest(pack)
+    se, dsst = load_planner_parts(manifest)
+    dev = resolve_device(device)
+    if se is not None:
+        se.to(dev)
+    planner = FacePlanner(
+        se=se,
+        dsst=dsst,
+        resolution=manifest.resolution,
+        std_range=manifest.std_range,
+        config=config_for(manifest, overrides),
+    )
+    return planner, dev
+
+
+def input_batch(faces: Sequence[np.ndarray], resolution: int, device: torch.device) -> Tensor:
+    """Crops ((H, W, 3) uint8 or float in [0, 1]) -> (B, 3, R, R) in [0, 1] at `resolution`, on `device`."""
+    res = (resolution, resolution)
+    return torch.stack([_resize(_to_tensor(f).unsqueeze(0), res)[0] for f in faces]).to(device)
+
+
+def plan_faces(
+    planner: FacePlanner,
+    faces: Sequence[np.ndarray],
+    *,
+    device: torch.device,
+    batch_size: int,
+    seeds: Sequence[int] | None = None,
+) -> list[FacePlan]:
+    """Plans for aligned crops, in batches of `batch_size`; seeds default to `face_seed` of the pixels."""
+    if seeds is not None and len(seeds) != len(faces):
+        raise ValueError("one seed per face")
+    seeds = [face_seed(f, planner.config.seed) for f in faces] if seeds is None else list(seeds)
+    plans: list[FacePlan] = []
+    for start in range(0, len(faces), batch_size):
+        chunk = faces[start : start + batch_size]
+        y = input_batch(chunk, planner.resolution, device)
+        plans.extend(planner.plan(y, seeds[start : start + batch_size]))
+    return plans
 
 
 class Restorer:
-    """Holds a loaded pack on a device. `restore(faces)` is the only verb."""
+    """Holds a loaded pack on a device. `restore(faces)` is the only verb; `plan` is its first half."""
 
     def __init__(self, pack: LoadedPack, config: RestoreConfig, device: torch.device) -> None:
         self.pack = pack
@@ -147,6 +166,9 @@ class Restorer:
         self.resolution = pack.manifest.resolution
         self.std_range = pack.manifest.std_range
         self.diffusion = Diffusion.create(config.sampler.respacing)
+        self.planner = FacePlanner(
+            se=pack.se, dsst=pack.dsst, resolution=self.resolution, std_range=self.std_range, config=config
+        )
         self._auto_batch: int | None = None
         for net in pack.networks().values():
             net.to(device)
@@ -154,19 +176,19 @@ class Restorer:
     @classmethod
     def from_pack(
         cls,
-        pack: str | LoadedPack = "starter",
+        pack: str | PackManifest | LoadedPack = "starter",
         *,
         config: RestoreConfig | None = None,
         overrides: dict[str, Any] | None = None,
         device: str | torch.device | None = None,
     ) -> Restorer:
-        """Load a pack (name, manifest path/URI or loaded) with its stored sampler defaults applied."""
+        """Load a pack (name, manifest path/URI, resolved manifest or loaded pack) with its stored sampler
+        defaults applied."""
         loaded = pack if isinstance(pack, LoadedPack) else load_pack(pack)
-        cfg = config if config is not None else RestoreConfig().merged(dict(loaded.manifest.sampler))
+        cfg = config if config is not None else config_for(loaded.manifest)
         if overrides:
             cfg = cfg.merged(overrides)
-        dev = resolve_device(device)
-        return cls(loaded, cfg, dev)
+        return cls(loaded, cfg, resolve_device(device))
 
     def with_config(self, **overrides: Any) -> Restorer:
         return Restorer(self.pack, self.config.merged(overrides), self.device)
@@ -193,35 +215,8 @@ class Restorer:
             self._auto_batch = batch_size_for_budget(*peaks, budget, max_batch=max_batch).batch_size
         return self._auto_batch
 
-    # -- stages ---------------------------------------------------------------------------------
-    def _dblm_args(self) -> dict[str, Any]:
-        cfg = self.config
-        method = cfg.method
-        single = method in ("dblm_dsst_dgsa", "dblm_dsst", "dblm")
-        fixed_t = {"difface": cfg.difface_t_start, "dblm": cfg.dblm_t_start}.get(method)
-        return {
-            "se": self.pack.se,
-            "dsst": None if fixed_t is not None else self.pack.dsst,
-            "resolution": self.resolution,
-            "std_range": self.std_range,
-            "offsets": cfg.offsets[:1] if single else cfg.offsets,
-            "fixed_std": cfg.fixed_std * self.resolution / 512,
-            "fixed_t_start": fixed_t,
-        }
-
-    def _dblm(self, y: Tensor, std_hat: Tensor | None = None, restored: Tensor | None = None) -> DBLMOutput:
-        cfg = self.config
-        single = cfg.method in ("dblm_dsst_dgsa", "dblm_dsst", "dblm")
-        weights = None if single or cfg.level_weights is None else cfg.level_weights
-        return run_dblm(
-            y,
-            self.pack.rm,
-            weights=weights,
-            std_hat=std_hat,
-            rm_flip_ensemble=cfg.rm_flip_ensemble,
-            restored=restored,
-            **self._dblm_args(),
-        )
+    def _batch_size(self) -> int:
+        return self.config.batch_size or self.auto_batch_size()
 
     def _sampler_config(self) -> SamplerConfig:
         cfg, method = self.config, self.config.method
@@ -234,108 +229,90 @@ class Restorer:
             return s.with_(kernel_update=False)
         return s
 
-    def _eta(self, std_hat: Tensor) -> Tensor:
+    def _level_weights(self) -> Tensor | None:
         cfg = self.config
-        if cfg.method == "difface":
-            return torch.full_like(std_hat, 0.5 if cfg.eta is None else cfg.eta)
-        if cfg.eta is not None:
-            return torch.full_like(std_hat, cfg.eta)
-        return (to_reference_std(std_hat, self.resolution) / cfg.eta_divisor).clamp(0, 1)
+        if cfg.method in SINGLE_LEVEL_METHODS or cfg.level_weights is None:
+            return None
+        return torch.as_tensor(list(cfg.level_weights), dtype=torch.float32)
 
-    def _input_batch(self, faces: Sequence[np.ndarray]) -> Tensor:
-        """Crops -> (B, 3, R, R) in [0, 1] at the pack's resolution, on the device."""
-        res = (self.resolution, self.resolution)
-        return torch.stack([_resize(_to_tensor(f).unsqueeze(0), res)[0] for f in faces]).to(self.device)
+    # -- the two halves -------------------------------------------------------------------------
+    def plan(self, faces: Sequence[np.ndarray], *, seeds: Sequence[int] | None = None) -> list[FacePlan]:
+        """SE + DSST only (no RM, no sampling): each face's std*, levels, start step, η and seed."""
+        return plan_faces(self.planner, faces, device=self.device, batch_size=self._batch_size(), seeds=seeds)
 
-    def estimate(self, faces: Sequence[np.ndarray]) -> list[FaceEstimate]:
-        """SE + DSST only (no RM, no sampling): std*, start step, η and guidance levels per face."""
-        out: list[FaceEstimate] = []
-        bs = self.config.batch_size or self.auto_batch_size()
-        for start in range(0, len(faces), bs):
-            chunk = faces[start : start + bs]
-            plan = plan_levels(self._input_batch(chunk), **self._dblm_args())
-            no_sampling = self.config.method == "rm_only"
-            t_start = plan.t_starts.max(dim=1).values
-            eta = self._eta(plan.std_hat)
-            for i in range(len(chunk)):
-                std_hat = float(plan.std_hat[i])
-                out.append(
-                    FaceEstimate(
-                        std_hat=std_hat,
-                        std_hat_512=float(to_reference_std(std_hat, self.resolution)),
-                        t_start=0 if no_sampling else int(t_start[i]),
-                        eta=0.0 if no_sampling else float(eta[i]),
-                        levels=_valid_levels(plan.stds[i], plan.valid[i]),
-                    )
-                )
-        return out
-
-    # -- the verb -------------------------------------------------------------------------------
     def restore(
         self,
         faces: Sequence[np.ndarray],
         *,
+        plans: Sequence[FacePlan] | None = None,
         seeds: Sequence[int] | None = None,
-        std_hats: Sequence[float] | None = None,
         restored: Sequence[np.ndarray] | None = None,
         progress: Callable[[StepInfo], None] | None = None,
     ) -> list[FaceResult]:
         """Restore aligned face crops ((H, W, 3) uint8 or float in [0, 1]); results in input order.
 
-        std_hats: std* per face from an earlier `estimate` on the same crops (skips SE here).
+        plans: one `FacePlan` per face from an earlier `plan` (or the pipeline's estimate stage) on the
+        same crops and config; SE and DSST are not run again. Without plans the faces are planned here
+        (seeds: one per face, default `face_seed` of the pixels; not allowed with plans, which hold them).
         restored: RM's output per face, given instead of running RM (same form as `faces`): the output
         of another restorer, or the ground truth for the oracle bound of `dynface evaluate`."""
-        if seeds is not None and len(seeds) != len(faces):
-            raise ValueError("one seed per face")
-        if std_hats is not None and len(std_hats) != len(faces):
-            raise ValueError("one std_hat per face")
+        if plans is not None and len(plans) != len(faces):
+            raise ValueError("one plan per face")
+        if plans is not None and seeds is not None:
+            raise ValueError("plans carry their seeds; pass plans or seeds, not both")
         if restored is not None and len(restored) != len(faces):
             raise ValueError("one restored image per face")
-        seeds = [face_seed(f, self.config.seed) for f in faces] if seeds is None else list(seeds)
-        results: list[FaceResult | None] = [None] * len(faces)
-        bs = self.config.batch_size or self.auto_batch_size()
+        bs = self._batch_size()
+        results: list[FaceResult] = []
         for start in range(0, len(faces), bs):
-            chunk = list(range(start, min(start + bs, len(faces))))
-            known = None if std_hats is None else [float(std_hats[i]) for i in chunk]
-            given = None if restored is None else [restored[i] for i in chunk]
-            batch = self._restore_batch(
-                [faces[i] for i in chunk], [seeds[i] for i in chunk], known, given, progress
-            )
-            for i, res in zip(chunk, batch):
-                results[i] = res
-        return [r for r in results if r is not None]
+            chunk = list(faces[start : start + bs])
+            if plans is None:
+                seed_chunk = None if seeds is None else list(seeds[start : start + bs])
+                chunk_plans = self.plan(chunk, seeds=seed_chunk)
+            else:
+                chunk_plans = list(plans[start : start + bs])
+            given = None if restored is None else list(restored[start : start + bs])
+            results.extend(self._restore_batch(chunk, chunk_plans, given, progress))
+        return results
 
     def _restore_batch(
         self,
         faces: list[np.ndarray],
-        seeds: list[int],
-        std_hats: list[float] | None,
+        plans: list[FacePlan],
         restored: list[np.ndarray] | None,
         progress: Callable[[StepInfo], None] | None,
     ) -> list[FaceResult]:
         t0 = time.perf_counter()
         sizes = [f.shape[:2] for f in faces]
-        y = self._input_batch(faces)
-        known = None if std_hats is None else torch.tensor(std_hats, dtype=torch.float32)
-        given = None if restored is None else self._input_batch(restored)
-        dblm = self._dblm(y, known, given)
-        t1 = time.perf_counter()
+        y = input_batch(faces, self.resolution, self.device)
         cfg = self.config
-        if cfg.method == "rm_only":
-            images = dblm.restored
-            out = None
-            eta = torch.zeros_like(dblm.std_hat)
-            t_start = torch.zeros(len(faces), dtype=torch.long)
+        if restored is None:
+            rm_out = restore_rm(y, self.pack.rm, flip_ensemble=cfg.rm_flip_ensemble)
         else:
-            targets = dblm.targets
-            t_start = targets.t_starts.max(dim=1).values
-            init = 2 * dblm.restored - 1 if (cfg.method == "difface" or cfg.init_from == "restored") else None
-            if init is None:
+            rm_out = input_batch(restored, self.resolution, self.device)
+        t1 = time.perf_counter()
+        out = None
+        if cfg.method == "rm_only":
+            images = rm_out
+        else:
+            targets = guidance_targets(
+                rm_out,
+                stds=torch.tensor([p.level_stds_px for p in plans], dtype=y.dtype),
+                t_starts=torch.tensor([p.level_t_starts for p in plans], dtype=torch.long),
+                valid=torch.tensor([p.level_valid for p in plans], dtype=torch.bool),
+                weights=self._level_weights(),
+            )
+            t_start = torch.tensor([p.t_start for p in plans], dtype=torch.long)
+            if cfg.method == "difface" or cfg.init_from == "restored":
+                init = 2 * rm_out - 1
+            else:
                 # [choice] §3.10: diffuse the target whose start is latest (the most blurred level).
                 pick = targets.t_starts.argmax(dim=1)
                 init = targets.targets[torch.arange(len(faces)), pick]
-            eta = self._eta(dblm.std_hat)
-            batch = SampleBatch(init=init, t_start=t_start, eta=eta, seeds=seeds, targets=targets)
+            eta = torch.tensor([p.eta for p in plans], dtype=torch.float32, device=self.device)
+            batch = SampleBatch(
+                init=init, t_start=t_start, eta=eta, seeds=[p.seed for p in plans], targets=targets
+            )
             out = sample(
                 self.pack.prior,
                 self.diffusion,
@@ -347,38 +324,26 @@ class Restorer:
             )
             images = (out.images + 1) / 2
         t2 = time.perf_counter()
-        results = []
         n = len(faces)
-        for i, size in enumerate(sizes):
-            valid = dblm.targets.valid[i]
-            levels = _valid_levels(dblm.targets.stds[i], valid)
-            std_final = _valid_levels(out.stds_final[i], valid) if out is not None else levels
-            std_hat = float(dblm.std_hat[i])
+        results = []
+        for i, (size, plan) in enumerate(zip(sizes, plans, strict=True)):
+            valid = torch.tensor(plan.level_valid)
+            std_final = plan.levels_px
+            if out is not None:
+                std_final = tuple(float(s) for s, v in zip(out.stds_final[i], valid, strict=True) if v)
+            residual = None
+            if out is not None and out.final_residual is not None:
+                residual = float(out.final_residual[i])
             results.append(
                 FaceResult(
                     image=_to_uint8(_resize(images[i : i + 1].float().cpu(), tuple(size))[0]),
                     method=cfg.method,
-                    seed=int(seeds[i]),
-                    std_hat=std_hat,
-                    std_hat_512=float(to_reference_std(std_hat, self.resolution)),
+                    plan=plan,
+                    resolution=self.resolution,
                     std_final=std_final,
-                    levels=levels,
-                    t_start=int(t_start[i]),
-                    eta=float(eta[i]),
                     n_steps=int(out.n_steps[i]) if out is not None else 0,
-                    guidance_residual=(
-                        float(out.final_residual[i])
-                        if out is not None and out.final_residual is not None
-                        else None
-                    ),
+                    guidance_residual=residual,
                     timings={"dblm_s": (t1 - t0) / n, "sample_s": (t2 - t1) / n},
                 )
             )
         return results
-
-
-def restore_config_fields() -> list[str]:
-    """Names accepted by `RestoreConfig.from_dict` (for CLIs and flow parameters)."""
-    return sorted(
-        {f.name for f in fields(RestoreConfig)} - {"sampler"} | {f.name for f in fields(SamplerConfig)}
-    )

@@ -81,8 +81,8 @@ def _wait(in_flight: InFlight | None, clock: StageClock) -> tuple[list[int], str
 def _finish(clock: StageClock, ctx: RunContext, shards: list[int], samples_uri: str) -> None:
     for shard in shards:
         clock.run("compose", compose, ctx, shard, samples_uri)
-        clock.run("score", score, ctx, shard)
-        clock.run("commit", commit, ctx, shard)
+        clock.run("score", score, ctx, shard, samples_uri)
+        clock.run("commit", commit, ctx, shard, samples_uri)
 
 
 @flow(name="restore-archive")
@@ -91,6 +91,7 @@ def restore_archive(
     dest: str,
     catalog: str | None = None,
     pack: str = "starter",
+    weights_dir: str | None = None,
     aligned: bool = False,
     shard_size: int = 64,
     device: Literal["auto", "cpu", "cuda"] = "auto",
@@ -107,6 +108,8 @@ def restore_archive(
 
     source/dest: folders or fsspec URIs (dest must differ from source; if inside it, it is never
     read as input). catalog: default `{dest}/catalog`. pack: pack name or manifest URI.
+    weights_dir: folder (or URI prefix) holding the pack's weight files, e.g. the official DifFace
+    files for `pack="difface"`; searched before the manifest's variable and its own folder.
     aligned: inputs are aligned face crops (no detection). guidance: None keeps the pack's mode.
     options: extra RestoreConfig overrides (e.g. {"respacing": "ddim10"}). ray_address: None uses
     RAY_ADDRESS or starts a local Ray. num_actors: None picks one per GPU (or one per CPU but one).
@@ -122,6 +125,7 @@ def restore_archive(
         dest=dest,
         catalog=catalog,
         pack=pack,
+        weights_dir=weights_dir,
         aligned=aligned,
         device=device,
         compare=compare,

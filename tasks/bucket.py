@@ -14,19 +14,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.work import RunContext, chunks, join_uri, read_rows, write_rows
-
-BATCH_COLUMNS = (
-    "batch",
-    "shard",
-    "image_id",
-    "face_index",
-    "crop_uri",
-    "restored_uri",
-    "bucket",
-    "t_start",
-    "std_hat",
-)
+from dynface.core.plan import PLAN_COLUMNS
+from tasks.tables import BATCHES, DETECT_FACES, PLANS, by_face
+from tasks.work import RunContext, chunks
 
 
 def plan_batches(faces: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
@@ -41,25 +31,23 @@ def plan_batches(faces: list[dict[str, Any]], batch_size: int) -> list[list[dict
 
 def bucket_wave(ctx: RunContext, wave: int, shards: list[int]) -> list[str]:
     """The stage as a plain function; returns the batch manifest URIs of the wave."""
-    faces = [row for shard in shards for row in read_rows(ctx.work.shard_file("estimate", shard))]
+    plans = PLANS.read_shards(ctx.work, shards)
+    crops = by_face(DETECT_FACES.read_shards(ctx.work, shards))
     uris = []
-    for number, batch in enumerate(plan_batches(faces, ctx.batch_size)):
+    for number, batch in enumerate(plan_batches(plans, ctx.batch_size)):
         rows = [
             {
                 "batch": number,
-                "shard": face["shard"],
-                "image_id": face["image_id"],
-                "face_index": face["face_index"],
-                "crop_uri": face["crop_uri"],
-                "restored_uri": ctx.work.restored(face["image_id"], face["face_index"]),
-                "bucket": face["bucket"],
-                "t_start": face["t_start"],
-                "std_hat": face["std_hat"],  # the sampler reuses it instead of running SE again
+                "shard": plan["shard"],
+                "image_id": plan["image_id"],
+                "face_index": plan["face_index"],
+                "crop_uri": crops[(plan["image_id"], plan["face_index"])]["crop_uri"],
+                "restored_uri": ctx.work.restored(plan["image_id"], plan["face_index"]),
+                **{key: plan[key] for key in PLAN_COLUMNS},  # the sampler's input, as estimated
             }
-            for face in batch
+            for plan in batch
         ]
-        uri = join_uri(ctx.work.root, "batches", f"wave-{wave:04d}-batch-{number:04d}.parquet")
-        uris.append(write_rows(uri, rows, columns=BATCH_COLUMNS))
+        uris.append(BATCHES.write(BATCHES.wave_uri(ctx.work, wave, number), rows))
     return uris
 
 

@@ -21,51 +21,100 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from catalogs import IMAGE_STATUSES, Catalog
-from dynface.core.dblm import REFERENCE_RESOLUTION
-from tasks.work import IMAGE_FIELDS, RunContext, read_rows
-
-IMAGE_KEYS = (*IMAGE_FIELDS, "output_uri", "compare_uri", "seconds")
-FACE_KEYS = (
-    "image_id",
-    "face_index",
-    "bbox",
-    "landmarks",
-    "det_score",
-    "affine",
-    "is_grayscale",
-    "std_hat",
-    "t_start",
-    "bucket",
-    "eta",
-    "n_steps",
-    "output_uri",
-    "identity_similarity",
-    "guidance_residual",
-    "seconds",
-    "status",
-    "error",
+from dynface.core.dblm import to_reference_std
+from tasks.tables import (
+    COMPOSE_FACES,
+    COMPOSE_IMAGES,
+    DETECT_FACES,
+    DETECT_IMAGES,
+    PLANS,
+    SAMPLES,
+    SCORES,
+    by_face,
+    failed_sample_row,
 )
+from tasks.work import RunContext
+
+IMAGE_DETECT_KEYS = ("image_id", "source_uri", "relative_path", "bytes", "width", "height", "orientation")
+IMAGE_DETECT_KEYS += ("mode", "is_grayscale", "n_faces")
+FACE_DETECT_KEYS = ("image_id", "face_index", "bbox", "landmarks", "det_score", "affine", "is_grayscale")
 
 
-def image_record(ctx: RunContext, row: dict[str, Any]) -> dict[str, Any]:
-    out = {key: row.get(key) for key in IMAGE_KEYS}
+def to_catalog_std(std_px: float | None, resolution: int) -> float | None:
+    """Pixels at the pack's resolution -> the catalog's unit, pixels at 512 (the one conversion)."""
+    return None if std_px is None else float(to_reference_std(float(std_px), resolution))
+
+
+def image_record(
+    ctx: RunContext, detected: dict[str, Any], composed: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The catalog row of an image: what detect found, and the compose outcome when it was composed."""
+    out = {key: detected[key] for key in IMAGE_DETECT_KEYS}
+    seconds = float(detected["detect_seconds"] or 0.0)
+    if composed is None:
+        out.update(status=detected["detect_status"], error=detected["detect_error"])
+    else:
+        out.update({key: composed[key] for key in ("status", "error", "output_uri", "compare_uri")})
+        seconds += float(composed["compose_seconds"] or 0.0)
+    out.update(seconds=seconds, run_id=ctx.run_id, config_hash=ctx.config_hash)
+    return out
+
+
+def face_record(
+    ctx: RunContext,
+    detected: dict[str, Any],
+    plan: dict[str, Any] | None,
+    sampled: dict[str, Any],
+    composed: dict[str, Any] | None,
+    scored: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The catalog row of a face: the joined stage rows, stds converted to 512-px units."""
+    res = ctx.resolution
+    out = {key: detected[key] for key in FACE_DETECT_KEYS}
+    ok = sampled["sample_status"] == "ok"
+    out.update(status=sampled["sample_status"], error=sampled["sample_error"])
+    if plan is not None:
+        levels = [s for s, valid in zip(plan["level_stds_px"], plan["level_valid"], strict=True) if valid]
+        out.update(
+            std_hat=to_catalog_std(plan["std_hat_px"], res),
+            std_source=plan["std_source"],
+            t_start=plan["t_start"],
+            bucket=plan["bucket"],
+            eta=plan["eta"],
+            guidance_levels=[to_catalog_std(s, res) for s in levels],
+        )
+    if ok:
+        finals = sampled["std_final_px"] or []
+        out.update(
+            std_final=to_catalog_std(finals[0], res) if finals else None,
+            n_steps=sampled["n_steps"],
+            guidance_residual=sampled["guidance_residual"],
+            seconds=sampled["sample_seconds"],
+            output_uri=composed["output_uri"] if composed else None,
+            identity_similarity=scored["identity_similarity"] if scored else None,
+        )
     out.update(run_id=ctx.run_id, config_hash=ctx.config_hash)
     return out
 
 
-def face_record(ctx: RunContext, row: dict[str, Any]) -> dict[str, Any]:
-    """A scored face row -> catalog row; level stds converted from pack pixels to 512 px."""
-    to_512 = REFERENCE_RESOLUTION / ctx.resolution
-    out = {key: row.get(key) for key in FACE_KEYS}
-    finals = row.get("std_final") or []
-    levels = row.get("levels") or []
-    out.update(
-        run_id=ctx.run_id,
-        config_hash=ctx.config_hash,
-        std_final=float(finals[0]) * to_512 if finals else None,
-        guidance_levels=[float(s) * to_512 for s in levels] if levels else None,
-    )
-    return out
+def catalog_rows(ctx: RunContext, shard: int, samples_uri: str) -> tuple[list[dict], list[dict]]:
+    """(images rows, faces rows) of a shard: the one join of every stage's work table."""
+    work = ctx.work
+    composed_images = {r["image_id"]: r for r in COMPOSE_IMAGES.read(COMPOSE_IMAGES.shard_uri(work, shard))}
+    images = [
+        image_record(ctx, r, composed_images.get(r["image_id"]))
+        for r in DETECT_IMAGES.read(DETECT_IMAGES.shard_uri(work, shard))
+    ]
+    plans = by_face(PLANS.read(PLANS.shard_uri(work, shard)))
+    samples = by_face(SAMPLES.read(samples_uri))
+    composed = by_face(COMPOSE_FACES.read(COMPOSE_FACES.shard_uri(work, shard)))
+    scores = by_face(SCORES.read(SCORES.shard_uri(work, shard)))
+    faces = []
+    for r in DETECT_FACES.read(DETECT_FACES.shard_uri(work, shard)):
+        key = (r["image_id"], int(r["face_index"]))
+        sampled = samples.get(key) or failed_sample_row(*key, "no sampling result for this face")
+        faces.append(face_record(ctx, r, plans.get(key), sampled, composed.get(key), scores.get(key)))
+    return images, faces
 
 
 def _already_written(cat: Catalog, table: str, run_id: str, image_ids: set[str]) -> bool:
@@ -75,10 +124,9 @@ def _already_written(cat: Catalog, table: str, run_id: str, image_ids: set[str])
     return got.num_rows > 0
 
 
-def commit_shard_rows(ctx: RunContext, shard: int) -> dict[str, int]:
+def commit_shard_rows(ctx: RunContext, shard: int, samples_uri: str) -> dict[str, int]:
     """The stage as a plain function; returns {status: count} of the shard's images."""
-    images = [image_record(ctx, r) for r in read_rows(ctx.work.shard_file("compose", shard, "-images"))]
-    faces = [face_record(ctx, r) for r in read_rows(ctx.work.shard_file("score", shard, "-faces"))]
+    images, faces = catalog_rows(ctx, shard, samples_uri)
     cat = Catalog(ctx.catalog)
     for table, rows in (("faces", faces), ("images", images)):
         ids = {r["image_id"] for r in rows}
@@ -88,9 +136,9 @@ def commit_shard_rows(ctx: RunContext, shard: int) -> dict[str, int]:
 
 
 @task(name="commit", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
-def commit(ctx: RunContext, shard: int) -> dict[str, int]:
+def commit(ctx: RunContext, shard: int, samples_uri: str) -> dict[str, int]:
     """Append the shard's faces and images rows to the catalog; returns {status: count}."""
-    return commit_shard_rows(ctx, shard)
+    return commit_shard_rows(ctx, shard, samples_uri)
 
 
 # -- the run -----------------------------------------------------------------------------------------------
@@ -130,10 +178,11 @@ def runs_row(
         "source_uri": ctx.source,
         "dest_uri": ctx.dest,
         "catalog_uri": ctx.catalog,
-        "pack_name": ctx.pack_name,
-        "pack_sha256": json.dumps(ctx.pack_sha256, sort_keys=True),
+        "pack_name": ctx.pack.name,
+        "pack_sha256": json.dumps(ctx.pack.sha256s(), sort_keys=True),
+        "pack_files_json": json.dumps(ctx.pack.files(), sort_keys=True),
         "config_json": json.dumps(
-            {"restore": ctx.config, "aligned": ctx.aligned, "detector": ctx.detector, "pack": ctx.pack},
+            {"restore": ctx.config, "aligned": ctx.aligned, "detector": ctx.detector, "pack": ctx.pack.uri},
             sort_keys=True,
             default=list,
         ),

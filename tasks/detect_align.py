@@ -1,7 +1,7 @@
 """Stage 2, detect_align: decode each image of a shard, find and align its faces, write the crops.
 
-Writes `detect/shard-N-images.parquet` (one row per image, status `pending` when it has faces,
-else `no_face`, `failed` or `skipped` with the reader's message) and `detect/shard-N-faces.parquet`
+Writes the shard's `detect_images` table (one row per image, `detect_status` `pending` when it has
+faces, else `no_face`, `failed` or `skipped` with the reader's message) and `detect_faces` table
 (one row per face: crop URI, box, landmarks, affine). One bad file never fails the shard.
 """
 
@@ -16,20 +16,8 @@ from prefect.cache_policies import NO_CACHE
 
 from dynface.images.faces import DetectorConfig, FaceCrops, align_faces, aligned_input, detect_faces
 from dynface.images.imageio import ImageReadError, LoadedImage, read_image
-from tasks.work import IMAGE_FIELDS, RunContext, read_bytes, read_rows, short_error, write_png, write_rows
-
-DETECT_IMAGE_COLUMNS = ("shard", *IMAGE_FIELDS, "seconds")
-DETECT_FACE_COLUMNS = (
-    "shard",
-    "image_id",
-    "face_index",
-    "crop_uri",
-    "bbox",
-    "landmarks",
-    "det_score",
-    "affine",
-    "is_grayscale",
-)
+from tasks.tables import DETECT_FACES, DETECT_IMAGES, SHARDS, SOURCE_FIELDS
+from tasks.work import RunContext, read_bytes, short_error, write_png
 
 
 def find_faces(loaded: LoadedImage, *, size: int, aligned: bool, detector: DetectorConfig) -> FaceCrops:
@@ -63,18 +51,16 @@ def detect_shard(ctx: RunContext, shard: int) -> tuple[str, str]:
     detector = DetectorConfig(**ctx.detector)
     image_rows: list[dict[str, Any]] = []
     face_rows: list[dict[str, Any]] = []
-    for entry in read_rows(ctx.work.shard_file("shards", shard)):
+    for entry in SHARDS.read(SHARDS.shard_uri(ctx.work, shard)):
         t0 = time.perf_counter()
-        row: dict[str, Any] = {
-            key: entry[key] for key in ("image_id", "source_uri", "relative_path", "bytes")
-        }
-        row.update(shard=shard, n_faces=0, error=None)
+        row: dict[str, Any] = {key: entry[key] for key in SOURCE_FIELDS}
+        row.update(shard=shard, n_faces=0, detect_error=None)
         try:
             loaded = read_image(read_bytes(entry["source_uri"]))
         except ImageReadError as err:
-            row.update(status=err.status, error=f"{err.reason}: {err}")
+            row.update(detect_status=err.status, detect_error=f"{err.reason}: {err}")
         except Exception as err:  # noqa: BLE001 - unreadable storage object: this image fails, not the run
-            row.update(status="failed", error=short_error(err))
+            row.update(detect_status="failed", detect_error=short_error(err))
         else:
             row.update(
                 width=loaded.width,
@@ -90,17 +76,14 @@ def detect_shard(ctx: RunContext, shard: int) -> tuple[str, str]:
                 for k, aligned in enumerate(crops.faces):
                     write_png(ctx.work.crop(entry["image_id"], k), aligned.crop)
                     face_rows.append(face_row(ctx, shard, entry["image_id"], crops, k))
-                row.update(n_faces=len(crops.faces), status="pending" if crops.faces else "no_face")
+                row.update(n_faces=len(crops.faces), detect_status="pending" if crops.faces else "no_face")
             except Exception as err:  # noqa: BLE001 - a detector/alignment error fails this image only
-                row.update(status="failed", error=f"face detection/alignment failed: {short_error(err)}")
-        row["seconds"] = time.perf_counter() - t0
+                error = f"face detection/alignment failed: {short_error(err)}"
+                row.update(detect_status="failed", detect_error=error)
+        row["detect_seconds"] = time.perf_counter() - t0
         image_rows.append(row)
-    images_uri = write_rows(
-        ctx.work.shard_file("detect", shard, "-images"), image_rows, columns=DETECT_IMAGE_COLUMNS
-    )
-    faces_uri = write_rows(
-        ctx.work.shard_file("detect", shard, "-faces"), face_rows, columns=DETECT_FACE_COLUMNS
-    )
+    images_uri = DETECT_IMAGES.write(DETECT_IMAGES.shard_uri(ctx.work, shard), image_rows)
+    faces_uri = DETECT_FACES.write(DETECT_FACES.shard_uri(ctx.work, shard), face_rows)
     return images_uri, faces_uri
 
 

@@ -26,11 +26,11 @@ import dynface
 from catalogs import Catalog
 from dynface.images.faces import DetectorConfig
 from dynface.images.imageio import IMAGE_EXTENSIONS
-from dynface.packs.manifest import read_manifest
-from dynface.restorer import RestoreConfig
-from tasks.work import RunContext, is_inside, join_uri, normalize_uri, path_to_uri, write_rows
+from dynface.packs.manifest import resolve_pack
+from dynface.restorer import config_for
+from tasks.tables import SHARDS
+from tasks.work import RunContext, is_inside, join_uri, normalize_uri, path_to_uri
 
-SHARD_COLUMNS = ("shard", "image_id", "source_uri", "relative_path", "bytes")
 # Config keys that change how a run executes but not what it writes.
 EXECUTION_ONLY_KEYS = frozenset({"batch_size"})
 OUTPUT_FOLDERS = ("restored", "faces", "compare", ".work")
@@ -113,18 +113,21 @@ def prepare_run(
     method: str,
     guidance: str | None,
     options: dict[str, Any] | None,
+    weights_dir: str | None = None,
     run_id: str | None = None,
 ) -> RunContext:
-    """Validate the parameters and resolve pack and config into the run's context (reads the
-    manifest only; the weights are loaded by the stages that need them)."""
+    """Validate the parameters and resolve pack and config into the run's context. The pack is
+    resolved here, once: every weight file located (`weights_dir`, the manifest's variable, its
+    folder) and hashed when the manifest does not pin it; the stages and actors then load exactly
+    those files and read no environment to find them."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     source, dest = normalize_uri(source), normalize_uri(dest)
     catalog = normalize_uri(catalog) if catalog else join_uri(dest, "catalog")
     check_locations(source, dest, catalog)
-    manifest = read_manifest(pack)
+    manifest = resolve_pack(pack, weights_dir=weights_dir)
     overrides = restore_overrides(method=method, guidance=guidance, options=options)
-    config = RestoreConfig().merged(dict(manifest.sampler)).merged(overrides)
+    config = config_for(manifest, overrides)
     detector = asdict(DetectorConfig())
     values = config.to_dict()
     version = code_version()
@@ -133,10 +136,7 @@ def prepare_run(
         source=source,
         dest=dest,
         catalog=catalog,
-        pack=manifest.uri,
-        pack_name=manifest.name,
-        pack_sha256=manifest.sha256s(),
-        resolution=manifest.resolution,
+        pack=manifest,
         aligned=aligned,
         device=device,
         compare=compare,
@@ -238,7 +238,7 @@ def discover_images(ctx: RunContext, *, shard_size: int) -> Discovered:
     shards = []
     for number, start in enumerate(range(0, len(rows), shard_size)):
         part = [{"shard": number, **row} for row in rows[start : start + shard_size]]
-        shards.append(write_rows(ctx.work.shard_file("shards", number), part, columns=SHARD_COLUMNS))
+        shards.append(SHARDS.write(SHARDS.shard_uri(ctx.work, number), part))
     return Discovered(
         shards=tuple(shards),
         n_files=len(files),

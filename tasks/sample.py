@@ -23,26 +23,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dynface.core.device import resolve_device
+from dynface.core.plan import FacePlan
+from dynface.packs.manifest import PackManifest
 from dynface.restorer import FaceResult, Restorer
-from tasks.work import RunContext, read_png, read_rows, report_progress, short_error, write_png, write_rows
+from tasks.tables import BATCHES, SAMPLES, failed_sample_row
+from tasks.work import RunContext, read_png, report_progress, short_error, write_png
 
-SAMPLE_COLUMNS = (
-    "image_id",
-    "face_index",
-    "status",
-    "error",
-    "restored_uri",
-    "std_hat",
-    "std_hat_512",
-    "std_final",
-    "levels",
-    "t_start",
-    "eta",
-    "n_steps",
-    "guidance_residual",
-    "seconds",
-    "node_id",
-)
 ACTOR_NAMESPACE = "dynface"
 CPU_ACTOR_SHARE = 0.5  # fractional CPUs per CPU actor (see module docstring)
 
@@ -57,39 +43,38 @@ def _node_id() -> str | None:
 
 
 def result_row(face: dict[str, Any], res: FaceResult, seconds: float, node_id: str | None) -> dict[str, Any]:
+    """What sampling did for one face (its plan is the estimate stage's, not repeated here)."""
     return {
         "image_id": face["image_id"],
         "face_index": face["face_index"],
-        "status": "ok",
-        "error": None,
+        "sample_status": "ok",
+        "sample_error": None,
         "restored_uri": face["restored_uri"],
-        "std_hat": res.std_hat,
-        "std_hat_512": res.std_hat_512,
-        "std_final": list(res.std_final),
-        "levels": list(res.levels),
-        "t_start": res.t_start,
-        "eta": res.eta,
+        "std_final_px": list(res.std_final),
         "n_steps": res.n_steps,
         "guidance_residual": res.guidance_residual,
-        "seconds": seconds,
+        "sample_seconds": seconds,
         "node_id": node_id,
     }
 
 
 def failed_rows(faces: list[dict[str, Any]], error: str) -> list[dict[str, Any]]:
-    return [
-        {"image_id": f["image_id"], "face_index": f["face_index"], "status": "failed", "error": error}
-        for f in faces
-    ]
+    return [failed_sample_row(f["image_id"], f["face_index"], error) for f in faces]
 
 
 class BatchRestorer:
-    """Holds one Restorer; `run(batch_uri)` restores a batch manifest's crops and writes the results.
+    """Holds one Restorer; `run(batch_uri)` restores a batch manifest's crops from their plans and
+    writes the results.
 
+    pack: a resolved manifest (the run's; every file's URI and sha256 fixed by the driver).
     num_threads: torch intra-op threads for CPU work (None leaves torch's default)."""
 
     def __init__(
-        self, pack: str, overrides: dict[str, Any], device: str = "auto", num_threads: int | None = None
+        self,
+        pack: str | PackManifest,
+        overrides: dict[str, Any],
+        device: str = "auto",
+        num_threads: int | None = None,
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(max(1, int(num_threads)))
@@ -98,12 +83,10 @@ class BatchRestorer:
 
     def run(self, batch_uri: str) -> list[dict[str, Any]]:
         """Restore every face of the batch; returns one small dict per face (no pixels)."""
-        faces = read_rows(batch_uri)
+        faces = BATCHES.read(batch_uri)
         crops = [read_png(face["crop_uri"]) for face in faces]
         t0 = time.perf_counter()
-        known = [face.get("std_hat") for face in faces]
-        std_hats = None if any(s is None for s in known) else [float(s) for s in known]
-        results = self.restorer.restore(crops, std_hats=std_hats)
+        results = self.restorer.restore(crops, plans=[FacePlan.from_row(face) for face in faces])
         seconds = (time.perf_counter() - t0) / max(1, len(faces))
         rows = []
         for face, res in zip(faces, results, strict=True):
@@ -183,7 +166,7 @@ def run_batches(actors: list[Any], batch_uris: list[str]) -> list[dict[str, Any]
     """Dispatch batches to idle actors (one call in flight per actor); failures become failed rows."""
     import ray
 
-    faces_of = {uri: read_rows(uri) for uri in batch_uris}
+    faces_of = {uri: BATCHES.read(uri) for uri in batch_uris}
     report_progress("sample", total_add=sum(len(f) for f in faces_of.values()))
     pending = deque(batch_uris)
     idle = deque(range(len(actors)))
@@ -220,4 +203,4 @@ def sample_wave_rows(
 def sample(ctx: RunContext, wave: int, batch_uris: list[str], num_actors: int | None = None) -> str:
     """Restore a wave's batches on Ray; returns the URI of the wave's result rows."""
     rows = sample_wave_rows(ctx, batch_uris, num_actors=num_actors)
-    return write_rows(ctx.work.wave_file("samples", wave), rows, columns=SAMPLE_COLUMNS)
+    return SAMPLES.write(SAMPLES.wave_uri(ctx.work, wave), rows)

@@ -14,10 +14,8 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.compose import COMPOSE_FACE_COLUMNS
-from tasks.work import RunContext, read_png, read_rows, write_rows
-
-SCORE_FACE_COLUMNS = (*COMPOSE_FACE_COLUMNS, "identity_similarity")
+from tasks.tables import DETECT_FACES, SAMPLES, SCORES, by_face
+from tasks.work import RunContext, read_png
 
 Similarity = Callable[[np.ndarray, np.ndarray], float]
 
@@ -38,22 +36,28 @@ def similarity_or_none(scorer: Similarity | None, restored: np.ndarray, original
     return None if math.isnan(value) else value
 
 
-def score_shard(ctx: RunContext, shard: int) -> str:
-    """The stage as a plain function; returns the scored faces file URI."""
-    faces = read_rows(ctx.work.shard_file("compose", shard, "-faces"))
-    scorer = identity_scorer() if faces else None
-    rows = []
-    for face in faces:
-        row = dict(face, identity_similarity=None)
-        if face["status"] == "ok" and face["restored_uri"]:
-            row["identity_similarity"] = similarity_or_none(
-                scorer, read_png(face["restored_uri"]), read_png(face["crop_uri"])
-            )
-        rows.append(row)
-    return write_rows(ctx.work.shard_file("score", shard, "-faces"), rows, columns=SCORE_FACE_COLUMNS)
+def score_shard(ctx: RunContext, shard: int, samples_uri: str) -> str:
+    """The stage as a plain function; returns the scores file URI (a row per restored face)."""
+    samples = by_face(SAMPLES.read(samples_uri))
+    faces = DETECT_FACES.read(DETECT_FACES.shard_uri(ctx.work, shard))
+    restored = [(f, samples[key]) for f in faces if (key := (f["image_id"], f["face_index"])) in samples]
+    restored = [(f, s) for f, s in restored if s["sample_status"] == "ok"]
+    scorer = identity_scorer() if restored else None
+    rows = [
+        {
+            "shard": shard,
+            "image_id": face["image_id"],
+            "face_index": face["face_index"],
+            "identity_similarity": similarity_or_none(
+                scorer, read_png(sample["restored_uri"]), read_png(face["crop_uri"])
+            ),
+        }
+        for face, sample in restored
+    ]
+    return SCORES.write(SCORES.shard_uri(ctx.work, shard), rows)
 
 
 @task(name="score", retries=1, retry_delay_seconds=[5], cache_policy=NO_CACHE)
-def score(ctx: RunContext, shard: int) -> str:
+def score(ctx: RunContext, shard: int, samples_uri: str) -> str:
     """Identity similarity (input vs restored crop) for every restored face of a shard."""
-    return score_shard(ctx, shard)
+    return score_shard(ctx, shard, samples_uri)

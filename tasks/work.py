@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,30 +21,11 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from dynface.packs.manifest import PackManifest
+
 # Stages report progress as log records on this logger (the CLI turns them into tqdm bars); a
 # record's `dynface_progress` attribute is {"stage": str, "total_add": int, "advance": int}.
 PROGRESS_LOGGER = "dynface.progress"
-
-# Faces are grouped into sample batches by t_start // BUCKET_WIDTH: faces of one batch then share
-# (nearly) the same number of sampling steps, so no sample waits idle for the longest one.
-BUCKET_WIDTH = 50
-
-
-# The per-image fields every stage carries forward (stage files add their own columns).
-IMAGE_FIELDS = (
-    "image_id",
-    "source_uri",
-    "relative_path",
-    "bytes",
-    "width",
-    "height",
-    "orientation",
-    "mode",
-    "is_grayscale",
-    "n_faces",
-    "status",
-    "error",
-)
 
 
 def report_progress(stage: str, *, total_add: int = 0, advance: int = 0) -> None:
@@ -153,29 +134,12 @@ def read_rows(uri: str) -> list[dict[str, Any]]:
     return table.to_pylist()
 
 
-def index_rows(rows: Iterable[Mapping[str, Any]], *keys: str) -> dict[Any, dict[str, Any]]:
-    """{key tuple (or single value): row}; duplicate keys raise ValueError."""
-    out: dict[Any, dict[str, Any]] = {}
-    for row in rows:
-        key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = dict(row)
-    return out
-
-
 # -- the run ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkDir:
-    """The per-run work folder and the names of the files each stage writes there."""
+    """The per-run work folder; the stages' tables live there at names `tasks.tables` declares."""
 
     root: str
-
-    def shard_file(self, stage: str, shard: int, suffix: str = "") -> str:
-        return join_uri(self.root, stage, f"shard-{shard:05d}{suffix}.parquet")
-
-    def wave_file(self, stage: str, wave: int, suffix: str = "") -> str:
-        return join_uri(self.root, stage, f"wave-{wave:04d}{suffix}.parquet")
 
     def crop(self, image_id: str, face_index: int) -> str:
         return join_uri(self.root, "crops", f"{image_id}_{face_index:02d}.png")
@@ -186,8 +150,11 @@ class WorkDir:
 
 @dataclass(frozen=True)
 class RunContext:
-    """Everything a stage needs to know about the run; small and picklable (goes to every task).
+    """Everything a stage needs to know about the run; small and picklable (goes to every task and
+    Ray actor).
 
+    pack: the resolved manifest (dynface.packs.manifest.resolve_pack, done once in the driver): every
+    component's URI and sha256, so no stage and no actor on any node looks for weights itself.
     overrides: RestoreConfig overrides on top of the pack's stored sampler defaults (method,
     guidance mode, user options). config: the resolved RestoreConfig as a dict (for the record).
     """
@@ -196,10 +163,7 @@ class RunContext:
     source: str
     dest: str
     catalog: str
-    pack: str
-    pack_name: str
-    pack_sha256: dict[str, str | None]
-    resolution: int
+    pack: PackManifest
     aligned: bool
     device: str
     compare: bool
@@ -209,6 +173,10 @@ class RunContext:
     code_version: str
     batch_size: int
     detector: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resolution(self) -> int:
+        return self.pack.resolution
 
     @property
     def work(self) -> WorkDir:

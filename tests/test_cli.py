@@ -87,8 +87,21 @@ def test_restore_then_catalog_sql(
     assert "(1 row)" in table
 
 
-def test_restore_crash_gives_nonzero_exit(prefect_api, offline_env, tmp_path: Path, capsys):
-    src = tmp_path / "same"
+def test_restore_refuses_bad_settings_before_anything_starts(offline_env, tmp_path: Path, capsys):
+    src = tmp_path / "src"
     src.mkdir()
-    assert main(["restore", str(src), str(src), "--pack", "nowhere"]) == 1
-    assert "dest must differ from source" in capsys.readouterr().err
+    Image.fromarray(synthetic_face(40)).save(src / "face.png")
+    dest = tmp_path / "out"
+    cases = [
+        ([str(src), str(src)], "dest must differ from source"),
+        ([str(tmp_path / "missing"), str(dest)], "does not exist"),
+        ([str(src), str(dest), "--pack", "nowhere"], "not a built-in pack"),
+        ([str(src), str(dest), "--option", "respacing=nonsense"], "bad respacing 'nonsense'"),
+        ([str(src), str(dest), "--option", "no_such_knob=1"], "unknown restore options"),
+        ([str(src), str(dest), "--pack", "difface", "--weights-dir", str(tmp_path)], "not found; looked at"),
+    ]
+    for argv, message in cases:
+        assert main(["restore", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err  # one line, no traceback
+    assert not dest.exists()

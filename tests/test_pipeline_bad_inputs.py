@@ -15,15 +15,15 @@ from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api 
 
 from catalogs import Catalog
 from dynface.packs.writer import write_random_pack
-from tasks.bucket import BATCH_COLUMNS, bucket_wave
+from tasks.bucket import bucket_wave
 from tasks.commit import commit_shard_rows
 from tasks.compose import compose_shard
 from tasks.detect_align import detect_shard
 from tasks.discover import discover_images, prepare_run
 from tasks.estimate import estimate_shard
-from tasks.sample import SAMPLE_COLUMNS, release_actors, sample_wave_rows
+from tasks.sample import release_actors, sample_wave_rows
 from tasks.score import score_shard
-from tasks.work import read_rows, write_rows
+from tasks.tables import BATCHES, SAMPLES
 
 OPTIONS = {"respacing": "ddim5"}
 
@@ -111,24 +111,22 @@ def test_failed_batch_keeps_faces_unrestored_and_run_goes_on(local_ray, pack, tm
     detect_shard(ctx, 0)
     estimate_shard(ctx, 0)
     batches = bucket_wave(ctx, 0, [0])
-    assert [len(read_rows(b)) for b in batches] == [2, 1]
-    broken = read_rows(batches[1])
-    write_rows(
-        batches[1], [{**r, "crop_uri": r["crop_uri"] + ".missing"} for r in broken], columns=BATCH_COLUMNS
-    )
+    assert [len(BATCHES.read(b)) for b in batches] == [2, 1]
+    broken = BATCHES.read(batches[1])
+    BATCHES.write(batches[1], [{**r, "crop_uri": r["crop_uri"] + ".missing"} for r in broken])
     try:
         rows = sample_wave_rows(ctx, batches)
     finally:
         release_actors(ctx.run_id)
     status = {(r["image_id"], r["face_index"]): r for r in rows}
     bad_key = (broken[0]["image_id"], broken[0]["face_index"])
-    assert status[bad_key]["status"] == "failed"
-    assert "FileNotFoundError" in status[bad_key]["error"]
-    assert sorted(r["status"] for r in rows) == ["failed", "ok", "ok"]
-    samples = write_rows(ctx.work.wave_file("samples", 0), rows, columns=SAMPLE_COLUMNS)
+    assert status[bad_key]["sample_status"] == "failed"
+    assert "FileNotFoundError" in status[bad_key]["sample_error"]
+    assert sorted(r["sample_status"] for r in rows) == ["failed", "ok", "ok"]
+    samples = SAMPLES.write(SAMPLES.wave_uri(ctx.work, 0), rows)
     compose_shard(ctx, 0, samples)
-    score_shard(ctx, 0)
-    assert commit_shard_rows(ctx, 0) == {"ok": 2, "failed": 1}
+    score_shard(ctx, 0, samples)
+    assert commit_shard_rows(ctx, 0, samples) == {"ok": 2, "failed": 1}
     cat = Catalog(ctx.catalog)
     images = cat.read("images").set_index("image_id")
     failed = images.loc[broken[0]["image_id"]]
@@ -141,6 +139,8 @@ def test_failed_batch_keeps_faces_unrestored_and_run_goes_on(local_ray, pack, tm
     assert pd.isna(face_rows.loc[broken[0]["image_id"], "output_uri"])
     # A failed image is retried by the next run: it is not among the committed ids.
     assert cat.committed_image_ids(ctx.config_hash) == set(images.index) - {broken[0]["image_id"]}
+    # A failed face keeps its plan: std*, start step and levels are recorded all the same.
+    assert face_rows.loc[broken[0]["image_id"], "t_start"] == broken[0]["t_start"]
     # A retried commit of the same shard writes nothing twice.
-    commit_shard_rows(ctx, 0)
+    commit_shard_rows(ctx, 0, samples)
     assert len(cat.read("images")) == 3 and len(cat.read("faces")) == 3

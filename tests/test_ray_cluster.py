@@ -9,11 +9,12 @@ import pytest
 from make_bad_inputs import synthetic_face
 
 from app.raylocal import RAY_HOME_ENV, connect_ray, ray_start_environment
+from dynface.packs.manifest import resolve_pack
 from dynface.packs.writer import write_random_pack
-from dynface.restorer import Restorer
-from tasks.bucket import BATCH_COLUMNS
+from dynface.restorer import Restorer, load_planner, plan_faces
 from tasks.sample import get_actors, plan_actors, release_actors, run_batches
-from tasks.work import RunContext, read_png, read_rows, write_png, write_rows
+from tasks.tables import BATCHES
+from tasks.work import RunContext, read_png, read_rows, write_png
 
 OVERRIDES = {"respacing": "ddim5", "mode": "closed_form", "method": "full"}
 
@@ -43,20 +44,23 @@ def two_node_cluster(tmp_path_factory: pytest.TempPathFactory):
             cluster.shutdown()
 
 
-def make_batches(root: Path, n_batches: int, per_batch: int) -> list[str]:
+def make_batches(root: Path, pack: str, n_batches: int, per_batch: int) -> list[str]:
+    """Batch manifests as the bucket stage writes them, with plans from the pack's own planner."""
+    planner, device = load_planner(pack, overrides=OVERRIDES, device="cpu")
     uris = []
     for b in range(n_batches):
         rows = []
-        for k in range(per_batch):
-            crop = np.roll(synthetic_face(32), 2 * (b * per_batch + k), axis=1)
+        crops = [np.roll(synthetic_face(32), 2 * (b * per_batch + k), axis=1) for k in range(per_batch)]
+        plans = plan_faces(planner, crops, device=device, batch_size=per_batch)
+        for k, (crop, plan) in enumerate(zip(crops, plans, strict=True)):
             image_id = f"{b * per_batch + k:064x}"
             crop_uri = str(root / "crops" / f"{image_id}_00.png")
             write_png(crop_uri, crop)
             rows.append(
                 {"batch": b, "shard": 0, "image_id": image_id, "face_index": 0, "crop_uri": crop_uri,
-                 "restored_uri": str(root / "restored" / f"{image_id}_00.png"), "bucket": 17, "t_start": 864}
+                 "restored_uri": str(root / "restored" / f"{image_id}_00.png"), **plan.to_row()}
             )  # fmt: skip
-        uris.append(write_rows(str(root / f"batch-{b}.parquet"), rows, columns=BATCH_COLUMNS))
+        uris.append(BATCHES.write(str(root / f"batch-{b}.parquet"), rows))
     return uris
 
 
@@ -66,10 +70,10 @@ def test_sample_stage_spreads_over_both_nodes(two_node_cluster, tmp_path: Path):
     alive = [n for n in ray.nodes() if n["Alive"]]
     assert len(alive) == 2
     pack = write_random_pack(str(tmp_path / "pack"), resolution=32)
-    batches = make_batches(tmp_path, n_batches=4, per_batch=2)
+    batches = make_batches(tmp_path, pack, n_batches=4, per_batch=2)
     ctx = RunContext(
-        run_id="cluster-test", source=str(tmp_path), dest=str(tmp_path / "out"), catalog="", pack=pack,
-        pack_name="random-32", pack_sha256={}, resolution=32, aligned=True, device="cpu", compare=False,
+        run_id="cluster-test", source=str(tmp_path), dest=str(tmp_path / "out"), catalog="",
+        pack=resolve_pack(pack), aligned=True, device="cpu", compare=False,
         overrides=OVERRIDES, config={}, config_hash="0" * 64, code_version="test", batch_size=2,
     )  # fmt: skip
     plan = plan_actors(ray.cluster_resources(), num_actors=2, n_batches=len(batches))
@@ -78,7 +82,7 @@ def test_sample_stage_spreads_over_both_nodes(two_node_cluster, tmp_path: Path):
         rows = run_batches(get_actors(ctx, plan), batches)
     finally:
         assert release_actors(ctx.run_id) == 2
-    assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
+    assert len(rows) == 8 and {r["sample_status"] for r in rows} == {"ok"}
     # SPREAD placement: the two actors (and so the batches) ran on both nodes.
     assert {r["node_id"] for r in rows} == {n["NodeID"] for n in alive}
     # What the cluster wrote is what the same restorer gives in this process.

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from dynface.core.calls import LEDGER_ENV, read_ledger
 from dynface.core.dblm import guidance_stds
 from dynface.packs.writer import write_random_pack
-from dynface.restorer import METHODS, RestoreConfig, Restorer, face_seed
+from dynface.restorer import METHODS, RestoreConfig, Restorer, face_seed, input_batch
 
 FAST = {"respacing": "ddim10", "batch_size": 2}
 
@@ -108,24 +111,43 @@ def test_automatic_batch_size_on_cpu_is_fixed(restorer: Restorer, faces: list[np
         RestoreConfig(batch_size=-1)
 
 
-def test_known_std_from_estimate_gives_the_same_restoration(
-    restorer: Restorer, faces: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+def test_plans_from_plan_give_the_same_restoration_without_se_or_dsst(
+    restorer: Restorer, faces: list[np.ndarray], monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
     r = restorer.with_config(mode="closed_form")
-    calls = {"rm": 0, "se": 0}
-    for name in calls:
-        net = getattr(r.pack, name)
-        monkeypatch.setattr(net, "forward", _counting(net.forward, calls, name))
-    estimates = r.estimate(faces)
-    assert calls == {"rm": 0, "se": 2}  # two batches (batch_size 2); std* only: RM is not run
-    known = r.restore(faces, std_hats=[e.std_hat for e in estimates])
-    assert calls == {"rm": 2, "se": 2}  # restore with known std* skips SE
+    calls = {"rm": 0}
+    monkeypatch.setattr(r.pack.rm, "forward", _counting(r.pack.rm.forward, calls, "rm"))
+    ledger = tmp_path / "calls.txt"
+    monkeypatch.setenv(LEDGER_ENV, str(ledger))
+    plans = r.plan(faces)
+    assert calls == {"rm": 0} and read_ledger(str(ledger)) == {"se": 3, "dsst": 3}  # one each per face
+    known = r.restore(faces, plans=plans)
+    assert calls == {"rm": 2}  # two batches (batch_size 2)
+    assert read_ledger(str(ledger)) == {"se": 3, "dsst": 3}  # restore from plans runs neither SE nor DSST
+    monkeypatch.delenv(LEDGER_ENV)
     fresh = r.restore(faces)
-    for k, f, e in zip(known, fresh, estimates):
-        assert k.std_hat == f.std_hat == e.std_hat and k.t_start == f.t_start == e.t_start
+    for k, f, p in zip(known, fresh, plans, strict=True):
+        assert k.plan == f.plan == p
+        assert k.std_hat == p.std_hat_px and k.t_start == p.t_start and k.levels == p.levels_px
         np.testing.assert_array_equal(k.image, f.image)
-    with pytest.raises(ValueError, match="one std_hat per face"):
-        r.restore(faces, std_hats=[1.0])
+    with pytest.raises(ValueError, match="one plan per face"):
+        r.restore(faces, plans=plans[:1])
+    with pytest.raises(ValueError, match="not both"):
+        r.restore(faces, plans=plans, seeds=[1, 2, 3])
+
+
+def test_restore_samples_from_the_plan_it_is_given(restorer: Restorer, faces: list[np.ndarray]) -> None:
+    """A plan is used as it is: another start step, seed or level std changes the result accordingly."""
+    r = restorer.with_config(mode="closed_form", batch_size=4)
+    plan = r.plan(faces[:1])[0]
+    starts = tuple(t - 300 for t in plan.level_t_starts)  # ddim10: 3 grid points earlier
+    earlier = replace(plan, t_start=plan.t_start - 300, level_t_starts=starts)
+    base, moved = r.restore(faces[:1] * 2, plans=[plan, earlier])
+    assert moved.t_start == plan.t_start - 300 and moved.n_steps == base.n_steps - 3
+    reseeded = r.restore(faces[:1], plans=[replace(plan, seed=plan.seed + 1)])[0]
+    assert reseeded.seed == plan.seed + 1 and not np.array_equal(reseeded.image, base.image)
+    fixed = r.restore(faces[:1], plans=[plan])[0]
+    np.testing.assert_array_equal(fixed.image, base.image)
 
 
 def _counting(fn, calls: dict[str, int], name: str):
@@ -143,7 +165,7 @@ def test_rm_flip_ensemble_averages_rm_and_its_mirror(restorer: Restorer, faces: 
 
     rm = restorer.pack.rm
     crops = [f[:32, :32] for f in faces]  # at the pack's resolution: no resizing around RM
-    y = restorer._input_batch(crops)
+    y = input_batch(crops, restorer.resolution, restorer.device)
     with torch.no_grad():
         plain, mirrored = rm(y), rm(y.flip(-1)).flip(-1)
         ensemble = restore_rm(y, rm, flip_ensemble=True)

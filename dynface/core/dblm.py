@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dynface.core.blur import gaussian_blur
+from dynface.core.calls import record_calls
 from dynface.core.dsst import DSSTTable
 from dynface.core.guidance import GuidanceTargets
 
@@ -95,6 +96,7 @@ def plan_levels(
         std_hat = std_hat.to(device=y.device, dtype=y.dtype)
     elif se is not None:
         std_hat = se(y).to(y.dtype)
+        record_calls("se", y.shape[0])
     elif fixed_std is not None:
         std_hat = torch.full((y.shape[0],), float(fixed_std), dtype=y.dtype, device=y.device)
     else:
@@ -104,6 +106,7 @@ def plan_levels(
         t_starts = torch.full_like(stds, int(fixed_t_start), dtype=torch.long)
     elif dsst is not None:
         t_starts = torch.as_tensor(dsst.lookup(stds.cpu().numpy()), dtype=torch.long, device=y.device)
+        record_calls("dsst", y.shape[0])
     else:
         raise ValueError("DBLM needs a DSST table or a fixed_t_start")
     return LevelPlan(std_hat=std_hat, stds=stds, valid=valid, t_starts=t_starts)
@@ -151,14 +154,25 @@ def run_dblm(
         raise ValueError(f"restored images are {tuple(restored.shape)}, the inputs {tuple(y.shape)}")
     else:
         restored = restored.to(device=y.device, dtype=y.dtype)
-    stds = plan.stds
-    w = torch.ones_like(stds) if weights is None else torch.as_tensor(list(weights), dtype=y.dtype)
-    w = w.to(y.device).expand_as(stds).clone()
-    targets = GuidanceTargets(
-        targets=blurred_targets(restored, stds),
-        stds=stds,
-        t_starts=plan.t_starts,
-        valid=plan.valid,
-        weights=w,
+    weights_t = None if weights is None else torch.as_tensor(list(weights), dtype=y.dtype)
+    targets = guidance_targets(
+        restored, stds=plan.stds, t_starts=plan.t_starts, valid=plan.valid, weights=weights_t
     )
     return DBLMOutput(restored=restored, std_hat=plan.std_hat, targets=targets)
+
+
+def guidance_targets(
+    restored: Tensor, *, stds: Tensor, t_starts: Tensor, valid: Tensor, weights: Tensor | None = None
+) -> GuidanceTargets:
+    """ý levels from RM(y) (B, 3, H, W) in [0, 1] and the planned levels (B, L); weights (L,) or None
+    (equal). Everything lands on `restored`'s device."""
+    device = restored.device
+    stds = stds.to(device=device, dtype=restored.dtype)
+    w = torch.ones_like(stds) if weights is None else weights.to(device=device, dtype=restored.dtype)
+    return GuidanceTargets(
+        targets=blurred_targets(restored, stds),
+        stds=stds,
+        t_starts=t_starts.to(device),
+        valid=valid.to(device),
+        weights=w.expand_as(stds).clone(),
+    )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynface.core.diffusion import Diffusion
+from dynface.core.diffusion import Diffusion, space_timesteps
 from dynface.core.guidance import (
     GuidanceTargets,
     LossNorm,
@@ -53,6 +53,7 @@ class SamplerConfig:
             raise ValueError(f"unknown loss norm {self.loss_norm!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"unknown precision {self.precision!r}")
+        space_timesteps(1000, self.respacing)  # a respacing that does not parse is refused here
 
     def with_(self, **changes: object) -> SamplerConfig:
         return replace(self, **changes)

@@ -7,21 +7,24 @@ before trained weights exist; their outputs are not restorations.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from dynface.checkpoints import sha256_hex
+from dynface.checkpoints import ChecksumError, read_bytes, sha256_hex, sha256_of
 from dynface.core.diffusion import linear_betas
 from dynface.core.dsst import DSSTTable, build_dsst_table, radial_frequency
 from dynface.models.dgsa import build_dgsa
 from dynface.models.se import build_sde
 from dynface.models.swinir import build_swinir, small_params
 from dynface.models.unet import build_unet
+from dynface.packs.manifest import resolve_pack
 
 
 def _write(uri: str, data: bytes) -> None:
@@ -147,3 +150,53 @@ def write_random_pack(
         sampler={"respacing": "ddim50", "batch_size": 4, **(sampler or {})},
         card="Random weights: for tests and benchmarks only, not a restoration model.",
     )
+
+
+def _relative_inside(uri: str, folder: str) -> str | None:
+    """`uri`'s path relative to `folder` when it lies inside it (same filesystem), else None."""
+    base = folder.rstrip("/") + "/"
+    return uri[len(base) :] if uri.startswith(base) else None
+
+
+def _explicit_uri(uri: str) -> str:
+    """A located file as a URI a manifest may name: local paths become `file://` URIs."""
+    return uri if "://" in uri else f"file://{os.path.abspath(uri)}"
+
+
+def pin_pack(pack: str, *, out: str, weights_dir: str | None = None) -> str:
+    """Write `{out}/manifest.yaml`: `pack`'s manifest with every file located and its sha256 filled in,
+    so that every later run verifies it reads the same bytes. Files inside `out` are named relative to
+    it, others by explicit URI; bundled files (e.g. the DSST table) are copied into `out`. Hashes the
+    manifest already pins are checked, not replaced. Returns the new manifest's URI."""
+    manifest = resolve_pack(pack, weights_dir=weights_dir)
+    out = out.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(out)
+    fs.makedirs(path, exist_ok=True)
+    components: dict[str, Any] = {}
+    for name, spec in manifest.components.items():
+        uri = manifest.component_uri(name)
+        if spec.pinned and sha256_of(uri) != spec.sha256:
+            raise ChecksumError(f"{uri}: sha256 {sha256_of(uri)} does not match the manifest's {spec.sha256}")
+        relative = _relative_inside(_explicit_uri(uri), _explicit_uri(out))
+        if relative is None and spec.bundled:
+            relative = uri.rsplit("/", 1)[-1]
+            _write(f"{out}/{relative}", read_bytes(uri))
+        entry: dict[str, Any] = {"file": relative or _explicit_uri(uri), "sha256": spec.sha256}
+        if spec.config:
+            entry["config"] = spec.config
+        if spec.published:
+            entry["published"] = spec.published
+        components[name] = entry
+    data: dict[str, Any] = {
+        "name": manifest.name,
+        "resolution": manifest.resolution,
+        "std_range": list(manifest.std_range),
+        "pinned_from": manifest.uri,
+        "components": components,
+        "sampler": manifest.sampler,
+    }
+    if manifest.card:
+        data["card"] = manifest.card
+    target = f"{out}/manifest.yaml"
+    _write(target, yaml.safe_dump(data, sort_keys=False).encode())
+    return target
