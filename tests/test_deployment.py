@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from make_bad_inputs import synthetic_face
+from official_fixtures import *  # noqa: F403 - the session fixture official_weights
+from official_fixtures import OPTIONS, check_official_run
 from PIL import Image
 
 from catalogs import Catalog
@@ -80,7 +82,7 @@ class Service:
 def service_env(tmp: Path) -> dict[str, str]:
     """This environment without Prefect/Ray/AWS settings that could point elsewhere, plus the
     no-traffic variables; the service's state lives under `tmp`."""
-    drop = ("PREFECT_", "RAY_", "AWS_")
+    drop = ("PREFECT_", "RAY_", "AWS_", "DYNFACE_DIFFACE_DIR")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(NO_TRAFFIC)
     env.update(
@@ -177,6 +179,33 @@ def test_deployment_run_restores_and_catalogs(service: Service, archive: tuple[P
     assert len(done) == 1 and json.loads(done.iloc[0]["config_json"])["restore"]["respacing"] == "ddim10"
     # The flow run inherited the worker's environment: Ray started with HOME at our bootstrap folder.
     assert (Path(service.env["DYNFACE_RAY_HOME"]) / "ray_bootstrap_config.yaml").is_file()
+
+
+def test_deployment_run_with_weights_dir_uses_the_official_files(
+    service: Service, official_weights: Path, tmp_path: Path
+):
+    """The README's official path through the deployment: `pack=difface` and `weights_dir` as flow
+    parameters; neither the worker nor the flow run has DYNFACE_DIFFACE_DIR."""
+    assert "DYNFACE_DIFFACE_DIR" not in service.env
+    src = tmp_path / "crops"
+    src.mkdir()
+    Image.fromarray(synthetic_face(96)).save(src / "face.png")
+    dest = tmp_path / "out"
+    run = prefect(
+        service,
+        "deployment", "run", "restore-archive/nightly",
+        "--param", f"source={src}",
+        "--param", f"dest={dest}",
+        "--param", "pack=difface",
+        "--param", f"weights_dir={official_weights}",
+        "--param", "aligned=true",
+        "--param", "guidance=closed_form",
+        "--param", "options=" + json.dumps(OPTIONS),
+        "--watch", "--watch-timeout", "400",
+        timeout=460,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    check_official_run(dest, official_weights, n_images=1)
 
 
 def test_stop_ends_every_process(service: Service, archive):
