@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -38,6 +39,8 @@ def test_parse_option_reads_json_values_else_strings():
 def test_subcommands_are_registered_explicitly():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(sub.choices) == ["restore", "catalog", "pack", "evaluate", "train"]
+    pack = next(a for a in sub.choices["pack"]._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(pack.choices) == ["random", "pin"]
     assert len(SUBCOMMANDS) == 5
     with pytest.raises(SystemExit):
         main(["no-such-command"])
@@ -50,6 +53,21 @@ def test_pack_random_prints_its_manifest(tmp_path: Path, capsys: pytest.CaptureF
     manifest = json.loads(Path(printed).read_text())
     assert manifest["resolution"] == 64
     assert {"prior", "rm", "dsst"} <= set(manifest["components"])
+
+
+def test_pack_pin_writes_a_pinned_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    weights = tmp_path / "w"
+    weights.mkdir()
+    for name in ("iddpm_ffhq512_ema500000.pth", "swinir_restoration512_L1.pth"):
+        (weights / name).write_bytes(name.encode())
+    out = tmp_path / "pinned"
+    assert main(["pack", "pin", "difface", "--weights-dir", str(weights), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "manifest.yaml")
+    text = (out / "manifest.yaml").read_text()
+    assert hashlib.sha256(b"iddpm_ffhq512_ema500000.pth").hexdigest() in text
+    assert (out / "dsst.json").is_file()
+    assert main(["pack", "pin", "difface", "--weights-dir", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "MissingWeightsError" in capsys.readouterr().err
 
 
 def test_catalog_sql_reports_errors_with_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
