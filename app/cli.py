@@ -68,6 +68,12 @@ def add_restore_command(subparsers: argparse._SubParsersAction) -> None:
         help="folder or URI prefix holding the pack's weight files (e.g. the official DifFace files)",
     )
     p.add_argument("--aligned", action="store_true", help="inputs are aligned face crops (no detection)")
+    p.add_argument(
+        "--aligned-max-aspect",
+        type=float,
+        default=1.1,
+        help="with --aligned: skip inputs whose longer side exceeds the shorter by more (default: 1.1)",
+    )
     p.add_argument("--method", default="full", help="restoration method (default: full)")
     p.add_argument("--guidance", choices=("dps", "closed_form"), default=None, help="default: the pack's")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -190,6 +196,7 @@ def run_restore(args: argparse.Namespace) -> int:
             pack=args.pack,
             weights_dir=args.weights_dir,
             aligned=args.aligned,
+            aligned_max_aspect=args.aligned_max_aspect,
             shard_size=args.shard_size,
             device=args.device,
             guidance=args.guidance,

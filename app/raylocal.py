@@ -89,7 +89,10 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> R
         ray.init(address=address, logging_level="WARNING")
         return RayConnection(address=_current_address(), started=False)
     with ray_start_environment() as home:
+        # address="local": start our own. Without it Ray joins whatever cluster `ray start` last
+        # recorded on this machine (/tmp/ray/ray_current_cluster), not the local Ray asked for.
         ray.init(
+            address="local",
             num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
             include_dashboard=False,
             logging_level="WARNING",

@@ -80,7 +80,13 @@ RUNS_SCHEMA = pa.schema(
 IMAGES_SCHEMA = pa.schema(
     [
         _run_id(),
-        _f("image_id", pa.string(), "sha256 hex of the file's bytes", nullable=False, format="sha256"),
+        _f(
+            "image_id",
+            pa.string(),
+            "sha256 hex of the file's bytes (of 'dynface:unread:' + source_uri when they could not be read)",
+            nullable=False,
+            format="sha256",
+        ),
         _f("source_uri", pa.string(), "URI the image was read from", nullable=False),
         _f("relative_path", pa.string(), "path below the source root"),
         _f("bytes", pa.int64(), "file size"),
@@ -94,6 +100,12 @@ IMAGES_SCHEMA = pa.schema(
         _f("error", pa.string(), "error message when failed"),
         _f("output_uri", pa.string(), "restored image"),
         _f("compare_uri", pa.string(), "side-by-side comparison, if written"),
+        _f(
+            "duplicate_of",
+            pa.string(),
+            "source URI of a file with the same bytes whose result this row reuses (its faces rows are"
+            " that image's)",
+        ),
         _config_hash(),
         _f("seconds", pa.float64(), "processing time attributed to the image"),
         _f("committed_at", TIMESTAMP, "commit time; filled by Catalog.write_part when null"),

@@ -93,6 +93,7 @@ def restore_archive(
     pack: str = "starter",
     weights_dir: str | None = None,
     aligned: bool = False,
+    aligned_max_aspect: float = 1.1,
     shard_size: int = 64,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     guidance: Literal["dps", "closed_form"] | None = None,
@@ -110,7 +111,9 @@ def restore_archive(
     read as input). catalog: default `{dest}/catalog`. pack: pack name or manifest URI.
     weights_dir: folder (or URI prefix) holding the pack's weight files, e.g. the official DifFace
     files for `pack="difface"`; searched before the manifest's variable and its own folder.
-    aligned: inputs are aligned face crops (no detection). guidance: None keeps the pack's mode.
+    aligned: inputs are aligned face crops (no detection); one whose longer side exceeds the shorter
+    by more than `aligned_max_aspect` is skipped (aligned crops are square). guidance: None keeps
+    the pack's mode.
     options: extra RestoreConfig overrides (e.g. {"respacing": "ddim10"}). ray_address: None uses
     RAY_ADDRESS or starts a local Ray. num_actors: None picks one per GPU (or one per CPU but one).
     wave_shards: shards sampled together (more keeps more actors busy, commits less often).
@@ -127,6 +130,7 @@ def restore_archive(
         pack=pack,
         weights_dir=weights_dir,
         aligned=aligned,
+        aligned_max_aspect=aligned_max_aspect,
         device=device,
         compare=compare,
         method=method,

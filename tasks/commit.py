@@ -54,7 +54,8 @@ def image_record(
     if composed is None:
         out.update(status=detected["detect_status"], error=detected["detect_error"])
     else:
-        out.update({key: composed[key] for key in ("status", "error", "output_uri", "compare_uri")})
+        keys = ("status", "error", "output_uri", "compare_uri", "duplicate_of")
+        out.update({key: composed[key] for key in keys})
         seconds += float(composed["compose_seconds"] or 0.0)
     out.update(seconds=seconds, run_id=ctx.run_id, config_hash=ctx.config_hash)
     return out
@@ -100,9 +101,9 @@ def face_record(
 def catalog_rows(ctx: RunContext, shard: int, samples_uri: str) -> tuple[list[dict], list[dict]]:
     """(images rows, faces rows) of a shard: the one join of every stage's work table."""
     work = ctx.work
-    composed_images = {r["image_id"]: r for r in COMPOSE_IMAGES.read(COMPOSE_IMAGES.shard_uri(work, shard))}
+    composed_images = {r["source_uri"]: r for r in COMPOSE_IMAGES.read(COMPOSE_IMAGES.shard_uri(work, shard))}
     images = [
-        image_record(ctx, r, composed_images.get(r["image_id"]))
+        image_record(ctx, r, composed_images.get(r["source_uri"]))
         for r in DETECT_IMAGES.read(DETECT_IMAGES.shard_uri(work, shard))
     ]
     plans = by_face(PLANS.read(PLANS.shard_uri(work, shard)))

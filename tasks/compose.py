@@ -20,12 +20,14 @@ from prefect.cache_policies import NO_CACHE
 from dynface.images.color import gray_rgb_u8
 from dynface.images.faces import AlignedFace, DetectedFace, FaceCrops, invert_affine, paste_faces
 from dynface.images.imageio import encode_image, read_image
+from tasks.sources import read_source_bytes
 from tasks.tables import (
     COMPOSE_FACES,
     COMPOSE_IMAGES,
     DETECT_FACES,
     DETECT_IMAGES,
     SAMPLES,
+    SHARDS,
     by_face,
     failed_sample_row,
 )
@@ -94,7 +96,7 @@ def compose_image(
     compose_faces rows of the faces written."""
     if normalize_uri(ctx.output_uri(image["relative_path"])) == normalize_uri(image["source_uri"]):
         raise ValueError(f"refusing to overwrite the source file {image['source_uri']}")
-    loaded = read_image(read_bytes(image["source_uri"]))
+    loaded = read_image(read_source_bytes(image["source_uri"]))
     crops = rebuild_crops((loaded.height, loaded.width), bool(image["is_grayscale"]), faces)
     by_index = {f["face_index"]: face_sample(samples, f) for f in faces}
     restored: list[np.ndarray | None] = []
@@ -112,8 +114,7 @@ def compose_image(
         face_rows.append({"image_id": image["image_id"], "face_index": aligned.index, "output_uri": face_uri})
         restored.append(pixels)
     composite = paste_faces(loaded.rgb, crops, restored)
-    row: dict[str, Any] = {"image_id": image["image_id"]}
-    row["output_uri"] = ctx.output_uri(image["relative_path"])
+    row: dict[str, Any] = {"output_uri": ctx.output_uri(image["relative_path"])}
     write_bytes(row["output_uri"], encode_image(composite, output_format(image["relative_path"])))
     if ctx.compare:
         row["compare_uri"] = ctx.compare_uri(image["relative_path"])
@@ -127,24 +128,63 @@ def compose_image(
     return row, face_rows
 
 
+def reuse_output(ctx: RunContext, entry: dict[str, Any], original_output: str | None) -> dict[str, Any]:
+    """Outputs of a file whose bytes another file has: the original's restored image, copied (or
+    re-encoded when the output formats differ), and a fresh side-by-side when asked for."""
+    row: dict[str, Any] = {}
+    if original_output is None:
+        return row
+    row["output_uri"] = ctx.output_uri(entry["relative_path"])
+    data = read_bytes(original_output)
+    fmt = output_format(entry["relative_path"])
+    if original_output.rsplit(".", 1)[-1].lower() != fmt:
+        data = encode_image(read_image(data).rgb, fmt)
+    write_bytes(row["output_uri"], data)
+    if ctx.compare:
+        row["compare_uri"] = ctx.compare_uri(entry["relative_path"])
+        source = read_image(read_source_bytes(entry["source_uri"])).rgb
+        write_png(row["compare_uri"], side_by_side(source, read_image(data).rgb))
+    return row
+
+
+def compose_duplicate(
+    ctx: RunContext, entry: dict[str, Any], originals: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The compose_images row of a duplicate: the original's outcome, its output reused."""
+    if entry["duplicate_status"] is not None:  # restored by an earlier run
+        outcome = {"status": entry["duplicate_status"], "output_uri": entry["duplicate_output_uri"]}
+    else:
+        outcome = originals[entry["duplicate_of"]]
+    row = {"status": outcome["status"], "error": outcome.get("error"), "duplicate_of": entry["duplicate_of"]}
+    row.update(reuse_output(ctx, entry, outcome.get("output_uri")))
+    return row
+
+
 def compose_shard(ctx: RunContext, shard: int, samples_uri: str) -> tuple[str, str]:
     """The stage as a plain function; returns (compose_images URI, compose_faces URI)."""
     samples = by_face(SAMPLES.read(samples_uri))
+    entries = {row["source_uri"]: row for row in SHARDS.read(SHARDS.shard_uri(ctx.work, shard))}
     faces_by_image: dict[str, list[dict[str, Any]]] = {}
     for face in DETECT_FACES.read(DETECT_FACES.shard_uri(ctx.work, shard)):
         faces_by_image.setdefault(face["image_id"], []).append(face)
+    outcomes: dict[str, dict[str, Any]] = {}  # source URI -> final status, error, output (originals)
     image_rows, face_rows = [], []
     for image in DETECT_IMAGES.read(DETECT_IMAGES.shard_uri(ctx.work, shard)):
-        if image["detect_status"] != "pending":
+        outcomes[image["source_uri"]] = {"status": image["detect_status"], "error": image["detect_error"]}
+        if image["detect_status"] not in ("pending", "duplicate"):
             continue  # nothing to compose: the detect outcome is the image's outcome
         t0 = time.perf_counter()
+        written: list[dict[str, Any]] = []
         try:
-            row, written = compose_image(ctx, image, faces_by_image.get(image["image_id"], []), samples)
+            if image["detect_status"] == "duplicate":
+                row = compose_duplicate(ctx, entries[image["source_uri"]], outcomes)
+            else:
+                row, written = compose_image(ctx, image, faces_by_image.get(image["image_id"], []), samples)
         except Exception as err:  # noqa: BLE001 - one image's paste-back failing must not stop the shard
-            error = f"compose failed: {short_error(err)}"
-            row = {"image_id": image["image_id"], "status": "failed", "error": error}
-            written = []
-        row.update(shard=shard, compose_seconds=time.perf_counter() - t0)
+            row = {"status": "failed", "error": f"compose failed: {short_error(err)}"}
+        row.update(shard=shard, image_id=image["image_id"], source_uri=image["source_uri"])
+        row["compose_seconds"] = time.perf_counter() - t0
+        outcomes[image["source_uri"]] = row
         image_rows.append(row)
         face_rows.extend({"shard": shard, **r} for r in written)
     return (

@@ -23,13 +23,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import dynface
-from catalogs import Catalog
+from catalogs import COMMITTED_STATUSES, Catalog
 from dynface.images.faces import DetectorConfig
-from dynface.images.imageio import IMAGE_EXTENSIONS
 from dynface.packs.manifest import resolve_pack
 from dynface.restorer import config_for
+from tasks.sources import SourceReadError, hash_source, list_entries, no_content_id
 from tasks.tables import SHARDS
-from tasks.work import RunContext, is_inside, join_uri, normalize_uri, path_to_uri
+from tasks.work import RunContext, is_inside, join_uri, normalize_uri
 
 # Config keys that change how a run executes but not what it writes.
 EXECUTION_ONLY_KEYS = frozenset({"batch_size"})
@@ -51,6 +51,7 @@ def config_hash(
     detector: dict[str, Any] | None,
     code_version: str,
     compare: bool = False,
+    aligned_max_aspect: float = 1.1,
 ) -> str:
     """sha256 hex of the canonical JSON of everything that decides a run's outputs."""
     payload = {
@@ -60,6 +61,7 @@ def config_hash(
         "aligned": aligned,
         "compare": compare,
         "detector": None if aligned else detector,
+        "aligned_max_aspect": aligned_max_aspect if aligned else None,
         "code_version": code_version,
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=list)
@@ -114,6 +116,7 @@ def prepare_run(
     guidance: str | None,
     options: dict[str, Any] | None,
     weights_dir: str | None = None,
+    aligned_max_aspect: float = 1.1,
     run_id: str | None = None,
 ) -> RunContext:
     """Validate the parameters and resolve pack and config into the run's context. The pack is
@@ -122,6 +125,8 @@ def prepare_run(
     those files and read no environment to find them."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if not aligned_max_aspect >= 1.0:
+        raise ValueError(f"aligned_max_aspect must be >= 1, got {aligned_max_aspect!r}")
     source, dest = normalize_uri(source), normalize_uri(dest)
     catalog = normalize_uri(catalog) if catalog else join_uri(dest, "catalog")
     check_locations(source, dest, catalog)
@@ -150,60 +155,20 @@ def prepare_run(
             detector=detector,
             code_version=version,
             compare=compare,
+            aligned_max_aspect=aligned_max_aspect,
         ),
         code_version=version,
         batch_size=config.batch_size,
         detector=detector,
+        aligned_max_aspect=aligned_max_aspect,
     )
 
 
 @dataclass(frozen=True)
-class SourceFile:
-    uri: str
-    relative_path: str
-
-
-def list_images(source: str, *, exclude: tuple[str, ...] = ()) -> list[SourceFile]:
-    """Image files (by extension, case-insensitive) below `source` (a folder, prefix or one file),
-    sorted by relative path; anything inside an `exclude` URI is left out; hidden names are skipped."""
-    fs, root = fsspec.core.url_to_fs(source)
-    root = root.rstrip("/")
-    if fs.isfile(root):
-        paths = [root]
-        base = root.rsplit("/", 1)[0]
-    else:
-        if not fs.exists(root):
-            raise FileNotFoundError(f"source {source!r} does not exist")
-        paths = fs.find(root)
-        base = root
-    found = []
-    for path in paths:
-        relative = path[len(base) :].lstrip("/")
-        if any(part.startswith(".") for part in relative.split("/")):
-            continue
-        if not relative.lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        uri = path_to_uri(fs, path)
-        if any(is_inside(uri, folder) for folder in exclude):
-            continue
-        found.append(SourceFile(uri=uri, relative_path=relative))
-    return sorted(found, key=lambda f: f.relative_path)
-
-
-def hash_file(uri: str) -> tuple[str, int]:
-    """(sha256 hex, size in bytes), streamed in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    size = 0
-    with fsspec.open(uri, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
-@dataclass(frozen=True)
 class Discovered:
-    """shards: shard manifest URIs in order. n_committed: images already done under this config."""
+    """shards: shard manifest URIs in order. n_committed: files already done under this config (same
+    bytes at the same place); n_duplicates: files whose bytes another file of the source (or an earlier
+    run) already has, given a row that reuses that result."""
 
     shards: tuple[str, ...]
     n_files: int
@@ -212,37 +177,89 @@ class Discovered:
     n_duplicates: int
 
 
+def committed_images(catalog: str, config_hash: str) -> dict[str, dict[str, Any]]:
+    """{image_id: {"sources": set of source URIs, "source_uri", "output_uri", "status"}} of the images
+    committed (`ok` or `no_face`) under `config_hash`: what a re-run skips or reuses."""
+    import pyarrow.dataset as ds
+
+    expression = (ds.field("config_hash") == config_hash) & ds.field("status").isin(COMMITTED_STATUSES)
+    columns = ["image_id", "source_uri", "output_uri", "status"]
+    rows = Catalog(catalog).read_arrow("images", columns=columns, filters=expression).to_pylist()
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        known = out.setdefault(row["image_id"], {**row, "sources": set()})
+        known["sources"].add(row["source_uri"])
+    return out
+
+
+def _exists(uri: str | None) -> bool:
+    if not uri:
+        return False
+    fs, path = fsspec.core.url_to_fs(uri)
+    return bool(fs.exists(path))
+
+
+def shard_groups(groups: list[list[dict[str, Any]]], shard_size: int) -> list[list[dict[str, Any]]]:
+    """Consecutive groups packed into shards of about `shard_size` rows; a group (an image and its
+    duplicates) is never split, so a duplicate is composed right after its original."""
+    shards: list[list[dict[str, Any]]] = []
+    for group in groups:
+        if not shards or len(shards[-1]) >= shard_size:
+            shards.append([])
+        shards[-1].extend(group)
+    return shards
+
+
 def discover_images(ctx: RunContext, *, shard_size: int) -> Discovered:
     """The stage as a plain function (the Prefect task below wraps it)."""
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     # Outputs of earlier runs (dest inside source) are never inputs.
     exclude = (ctx.dest, ctx.catalog) if is_inside(ctx.dest, ctx.source) else (ctx.catalog,)
-    files = list_images(ctx.source, exclude=exclude)
-    committed = Catalog(ctx.catalog).committed_image_ids(ctx.config_hash)
-    seen: set[str] = set()
-    rows: list[dict[str, Any]] = []
+    entries = list_entries(ctx.source, exclude=exclude)
+    committed = committed_images(ctx.catalog, ctx.config_hash)
+    originals: dict[str, list[dict[str, Any]]] = {}  # image_id -> its group (original first)
+    groups: list[list[dict[str, Any]]] = []
     n_committed = n_duplicates = 0
-    for f in files:
-        image_id, size = hash_file(f.uri)
-        if image_id in committed:
+    for entry in entries:
+        row: dict[str, Any] = {"source_uri": entry.uri, "relative_path": entry.relative_path}
+        problem = entry.problem
+        if problem is None:
+            try:
+                row["image_id"], row["bytes"] = hash_source(entry.uri)
+            except SourceReadError as err:
+                problem = err
+        if problem is not None:
+            row.update(image_id=no_content_id(entry.uri), source_status=problem.status)
+            groups.append([{**row, "source_error": problem.row_error}])
+            continue
+        earlier = committed.get(row["image_id"])
+        if earlier is not None and entry.uri in earlier["sources"]:
             n_committed += 1
             continue
-        if image_id in seen:  # same bytes under another name: restored once, under the first name
+        if row["image_id"] in originals:  # the same bytes under another name in this source
             n_duplicates += 1
-            continue
-        seen.add(image_id)
-        rows.append(
-            {"image_id": image_id, "source_uri": f.uri, "relative_path": f.relative_path, "bytes": size}
-        )
+            group = originals[row["image_id"]]
+            group.append({**row, "duplicate_of": group[0]["source_uri"]})
+        elif earlier is not None and (earlier["status"] == "no_face" or _exists(earlier["output_uri"])):
+            n_duplicates += 1  # restored by an earlier run under another name: reuse that result
+            row.update(
+                duplicate_of=earlier["source_uri"],
+                duplicate_output_uri=earlier["output_uri"],
+                duplicate_status=earlier["status"],
+            )
+            groups.append([row])
+        else:
+            originals[row["image_id"]] = [row]
+            groups.append(originals[row["image_id"]])
     shards = []
-    for number, start in enumerate(range(0, len(rows), shard_size)):
-        part = [{"shard": number, **row} for row in rows[start : start + shard_size]]
-        shards.append(SHARDS.write(SHARDS.shard_uri(ctx.work, number), part))
+    for number, part in enumerate(shard_groups(groups, shard_size)):
+        rows = [{"shard": number, **row} for row in part]
+        shards.append(SHARDS.write(SHARDS.shard_uri(ctx.work, number), rows))
     return Discovered(
         shards=tuple(shards),
-        n_files=len(files),
-        n_new=len(rows),
+        n_files=len(entries),
+        n_new=sum(len(g) for g in groups),
         n_committed=n_committed,
         n_duplicates=n_duplicates,
     )
@@ -250,5 +267,5 @@ def discover_images(ctx: RunContext, *, shard_size: int) -> Discovered:
 
 @task(name="discover", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
 def discover(ctx: RunContext, shard_size: int) -> Discovered:
-    """List, hash and shard the source; drop images committed under `ctx.config_hash`."""
+    """List, hash and shard the source; drop files committed under `ctx.config_hash`."""
     return discover_images(ctx, shard_size=shard_size)

@@ -61,7 +61,19 @@ class WorkTable:
 FACE_KEY = ("image_id", "face_index")
 SOURCE_FIELDS = ("image_id", "source_uri", "relative_path", "bytes")
 
-SHARDS = WorkTable("shards", "discover", ("shard", *SOURCE_FIELDS))
+SHARDS = WorkTable(
+    "shards",
+    "discover",
+    (
+        "shard",
+        *SOURCE_FIELDS,
+        "source_status",  # set when the entry cannot be read (failed/skipped): never opened again
+        "source_error",
+        "duplicate_of",  # source URI of the file whose bytes these are (this run, or an earlier one)
+        "duplicate_output_uri",  # an earlier run's output to reuse (null: the original is in this run)
+        "duplicate_status",  # that earlier row's status
+    ),
+)
 DETECT_IMAGES = WorkTable(
     "detect_images",
     "detect_align",
@@ -74,7 +86,7 @@ DETECT_IMAGES = WorkTable(
         "mode",
         "is_grayscale",
         "n_faces",
-        "detect_status",  # pending (faces to restore), no_face, failed or skipped
+        "detect_status",  # pending (faces to restore), duplicate (reuses another's), no_face, failed, skipped
         "detect_error",
         "detect_seconds",
     ),
@@ -106,7 +118,17 @@ SAMPLES = WorkTable(
 COMPOSE_IMAGES = WorkTable(
     "compose_images",
     "compose",
-    ("shard", "image_id", "status", "error", "output_uri", "compare_uri", "compose_seconds"),
+    (
+        "shard",
+        "image_id",
+        "source_uri",
+        "status",
+        "error",
+        "output_uri",
+        "compare_uri",
+        "duplicate_of",
+        "compose_seconds",
+    ),
 )
 COMPOSE_FACES = WorkTable("compose_faces", "compose", ("shard", *FACE_KEY, "output_uri"))
 SCORES = WorkTable("scores", "score", ("shard", *FACE_KEY, "identity_similarity"))

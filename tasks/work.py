@@ -173,6 +173,7 @@ class RunContext:
     code_version: str
     batch_size: int
     detector: dict[str, Any] = field(default_factory=dict)
+    aligned_max_aspect: float = 1.1  # aligned mode: longer side / shorter side above this is refused
 
     @property
     def resolution(self) -> int:

@@ -23,10 +23,10 @@ from tasks.discover import (
     code_version,
     config_hash,
     discover_images,
-    list_images,
     prepare_run,
 )
 from tasks.sample import plan_actors
+from tasks.sources import list_entries
 from tasks.work import output_name, read_rows
 
 OPTIONS = {"respacing": "ddim5"}
@@ -146,13 +146,21 @@ def test_discover_keys_by_content_skips_outputs_and_duplicates(tmp_path: Path, p
         compare=False, method="full", guidance=None, options=OPTIONS,
     )  # fmt: skip
     found = discover_images(ctx, shard_size=2)
-    assert (found.n_files, found.n_new, found.n_duplicates, found.n_committed) == (6, 5, 1, 0)
-    rows = [row for uri in found.shards for row in read_rows(uri)]
-    assert [len(read_rows(uri)) for uri in found.shards] == [2, 2, 1]
+    assert (found.n_files, found.n_new, found.n_duplicates, found.n_committed) == (6, 6, 1, 0)
+    shards = [read_rows(uri) for uri in found.shards]
+    # A duplicate travels in its original's shard, right after it; shards hold about shard_size rows.
+    assert [[r["relative_path"] for r in rows] for rows in shards] == [
+        ["a.jpg", "sub/a_copy.jpg"], ["b.PNG", "e.gif"], ["sub/c.png", "sub/deeper/d.webp"]
+    ]
+    rows = [row for part in shards for row in part]
     expected = {name: sha256(src / name) for name in ALIGNED_FILES}
+    expected["sub/a_copy.jpg"] = expected["a.jpg"]
     assert {r["relative_path"]: r["image_id"] for r in rows} == expected
     assert all(r["bytes"] == (src / r["relative_path"]).stat().st_size for r in rows)
-    single = list_images(str(src / "sub" / "c.png"))  # a single file is a source too
+    assert {r["relative_path"]: r["duplicate_of"] for r in rows if r["duplicate_of"]} == {
+        "sub/a_copy.jpg": str(src / "a.jpg")
+    }
+    single = list_entries(str(src / "sub" / "c.png"))  # a single file is a source too
     assert [(f.uri, f.relative_path) for f in single] == [(str(src / "sub" / "c.png"), "c.png")]
 
 

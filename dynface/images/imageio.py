@@ -13,6 +13,7 @@ alpha composited on white, or raises `ImageReadError` with a short machine-reada
 | `too_large`          | skipped   | a side longer than `max_side`                                    |
 | `too_small`          | skipped   | a side shorter than `min_side`                                   |
 | `animated`           | skipped   | more than one frame (GIF/WebP/APNG/multi-page TIFF)              |
+| `unsupported_format` | skipped   | a HEIF/HEIC file (whatever its name): Pillow cannot decode it    |
 
 "failed" means the file is broken; "skipped" means a valid file that policy refuses to restore.
 """
@@ -27,9 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif",
+)  # fmt: skip
 
-SKIP_REASONS = frozenset({"decompression_bomb", "too_large", "too_small", "animated"})
+SKIP_REASONS = frozenset({"decompression_bomb", "too_large", "too_small", "animated", "unsupported_format"})
+# ISO-BMFF brands of HEIF/HEIC files (Pillow cannot decode them; AVIF, the same container, it can).
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
 FAIL_REASONS = frozenset({"empty_file", "not_an_image", "truncated", "decode_error"})
 
 # Magic numbers of the formats we accept: a file that starts like an image but cannot be opened
@@ -142,6 +147,11 @@ def read_image(
     signature = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
     if signature is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         signature = "WEBP"
+    if signature is None and data[4:8] == b"ftyp":
+        if data[8:12] in (b"avif", b"avis"):
+            signature = "AVIF"
+        elif data[8:12] in _HEIF_BRANDS:
+            raise ImageReadError("unsupported_format", "a HEIF/HEIC image: convert it to PNG or TIFF")
     with warnings.catch_warnings():
         # Our own max_pixels check replaces PIL's bomb warning, and PIL's warnings about damaged
         # metadata are not actionable: the outcome is the result or the ImageReadError.
