@@ -15,11 +15,14 @@ Each subcommand is added by one `add_*_command(subparsers)` function listed in `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 # No process we start may send traffic off this machine (shared/design/PLATFORM.md); the caller's
@@ -149,13 +152,16 @@ def preflight(args: argparse.Namespace) -> str | None:
     from dynface.packs.manifest import resolve_pack
     from dynface.restorer import config_for
     from tasks.discover import check_locations, restore_overrides
-    from tasks.work import join_uri, normalize_uri
+    from tasks.work import check_bucket, join_uri, normalize_uri
 
     source, dest = normalize_uri(args.source), normalize_uri(args.dest)
-    check_locations(source, dest, normalize_uri(args.catalog) if args.catalog else join_uri(dest, "catalog"))
+    catalog = normalize_uri(args.catalog) if args.catalog else join_uri(dest, "catalog")
+    check_locations(source, dest, catalog)
     fs, path = fsspec.core.url_to_fs(source)
     if not fs.exists(path):
         raise FileNotFoundError(f"source {args.source!r} does not exist")
+    for uri in (dest, catalog):
+        check_bucket(uri)
     manifest = resolve_pack(args.pack, weights_dir=args.weights_dir, measure_unpinned=False)
     overrides = restore_overrides(method=args.method, guidance=args.guidance, options=dict(args.option))
     config = config_for(manifest, overrides)
@@ -170,8 +176,52 @@ def preflight(args: argparse.Namespace) -> str | None:
     )
 
 
+EXIT_CANCELLED = 130  # what a shell reports for a command ended by Ctrl-C
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_the_run() -> Iterator[None]:
+    """First Ctrl-C: the run takes no new work, commits what is restored and closes as cancelled.
+    A second one stops at once (KeyboardInterrupt). One press seen twice within half a second (a
+    wrapper forwarding the terminal's signal) counts once."""
+    from tasks.cancel import request_cancel, reset_cancel
+
+    presses: list[float] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if presses and now - presses[-1] < 0.5:
+            return
+        presses.append(now)
+        if len(presses) == 1:
+            request_cancel()
+            print(
+                "\ndynface restore: stopping: no new work, committing what is restored"
+                " (Ctrl-C again to stop at once)",
+                file=sys.stderr,
+            )
+            return
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    reset_cancel()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        reset_cancel()
+
+
 def run_restore(args: argparse.Namespace) -> int:
     apply_offline_env(quiet=not args.verbose)
+    with ctrl_c_stops_the_run():
+        return _restore(args)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from tasks.cancel import cancel_requested
+
     try:
         note = preflight(args)
     except Exception as err:  # noqa: BLE001 - a bad pack, option or device: one line, nothing started
@@ -179,6 +229,7 @@ def run_restore(args: argparse.Namespace) -> int:
         return 2
     if note:
         print(note, file=sys.stderr)
+    from app.embedded_prefect import prefect_api
     from flows.restore_archive import restore_archive
     from tasks.work import PROGRESS_LOGGER
 
@@ -189,25 +240,33 @@ def run_restore(args: argparse.Namespace) -> int:
     progress_logger.setLevel(logging.INFO)
     progress_logger.propagate = False
     try:
-        summary = restore_archive(
-            source=args.source,
-            dest=args.dest,
-            catalog=args.catalog,
-            pack=args.pack,
-            weights_dir=args.weights_dir,
-            aligned=args.aligned,
-            aligned_max_aspect=args.aligned_max_aspect,
-            shard_size=args.shard_size,
-            device=args.device,
-            guidance=args.guidance,
-            method=args.method,
-            compare=args.compare,
-            options=dict(args.option),
-            ray_address=args.ray_address,
-            num_actors=args.num_actors,
-            wave_shards=args.wave_shards,
-            keep_work=args.keep_work,
-        )
+        with prefect_api():
+            if cancel_requested():  # Ctrl-C while starting: no run was begun
+                print("dynface restore: stopped before the run began; nothing was written", file=sys.stderr)
+                return EXIT_CANCELLED
+            summary = restore_archive(
+                source=args.source,
+                dest=args.dest,
+                catalog=args.catalog,
+                pack=args.pack,
+                weights_dir=args.weights_dir,
+                aligned=args.aligned,
+                aligned_max_aspect=args.aligned_max_aspect,
+                shard_size=args.shard_size,
+                device=args.device,
+                guidance=args.guidance,
+                method=args.method,
+                compare=args.compare,
+                options=dict(args.option),
+                ray_address=args.ray_address,
+                num_actors=args.num_actors,
+                wave_shards=args.wave_shards,
+                keep_work=args.keep_work,
+            )
+    except KeyboardInterrupt:
+        message = "stopped at once (a run already begun is recorded as cancelled)"
+        print(f"dynface restore: {message}", file=sys.stderr)
+        return EXIT_CANCELLED
     except Exception as err:  # noqa: BLE001 - a crash is reported as a message and exit code 1
         print(f"dynface restore: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
@@ -217,7 +276,7 @@ def run_restore(args: argparse.Namespace) -> int:
         progress_logger.propagate = saved[1]
         bars.close()
     print(format_summary(summary))
-    return 0
+    return EXIT_CANCELLED if summary.status == "cancelled" else 0
 
 
 # -- catalog ----------------------------------------------------------------------------------------

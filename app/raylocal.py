@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.guardian import OWNER_ENV, mark_and_watch
+
 RAY_HOME_ENV = "DYNFACE_RAY_HOME"
 BOOTSTRAP_NAME = "ray_bootstrap_config.yaml"
 BOOTSTRAP_TEXT = (
@@ -89,14 +91,19 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> R
         ray.init(address=address, logging_level="WARNING")
         return RayConnection(address=_current_address(), started=False)
     with ray_start_environment() as home:
-        # address="local": start our own. Without it Ray joins whatever cluster `ray start` last
-        # recorded on this machine (/tmp/ray/ray_current_cluster), not the local Ray asked for.
-        ray.init(
-            address="local",
-            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
-            include_dashboard=False,
-            logging_level="WARNING",
-        )
+        # Every Ray process inherits the mark; a watchdog ends them if this process dies unannounced.
+        mark_and_watch()
+        try:
+            # address="local": start our own. Without it Ray joins whatever cluster `ray start` last
+            # recorded on this machine (/tmp/ray/ray_current_cluster), not the local Ray asked for.
+            ray.init(
+                address="local",
+                num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+                include_dashboard=False,
+                logging_level="WARNING",
+            )
+        finally:
+            os.environ.pop(OWNER_ENV, None)  # later children of this process are not Ray's
     _export_token_path(home)
     return RayConnection(address=_current_address(), started=True)
 

@@ -64,7 +64,15 @@ RUNS_SCHEMA = pa.schema(
         _f("config_json", pa.string(), "full restoration config as JSON", format="json"),
         _config_hash(),
         _f("code_version", pa.string(), "package version + hash of the dynface and tasks sources"),
-        _f("status", pa.string(), "run status, e.g. running/completed/failed", nullable=False),
+        _f(
+            "status",
+            pa.string(),
+            "running (written at the start), then one closing row: completed, failed, cancelled (stopped"
+            " by the user) or abandoned (written by a later run for a run that was killed)",
+            nullable=False,
+            allowed="running,completed,failed,cancelled,abandoned",
+        ),
+        _f("error", pa.string(), "why the run failed (failed and abandoned rows)"),
         _f("n_images", pa.int64(), "images seen"),
         _f("n_ok", pa.int64(), "images restored"),
         _f("n_no_face", pa.int64(), "images without a detected face"),

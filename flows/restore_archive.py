@@ -23,14 +23,16 @@ from prefect.logging import get_run_logger
 from app.raylocal import connect_ray
 from dynface.restorer import Method
 from tasks.bucket import bucket
-from tasks.commit import RunSummary, commit, finalize, write_run_row
+from tasks.cancel import cancel_requested
+from tasks.commit import commit
 from tasks.compose import compose
 from tasks.detect_align import detect_align
 from tasks.discover import discover, prepare_run
 from tasks.estimate import estimate_std
+from tasks.runs import RunSummary, close_run, finalize, write_run_row
 from tasks.sample import release_actors, sample
 from tasks.score import score
-from tasks.work import RunContext, chunks, remove_tree
+from tasks.work import RunContext, chunks, remove_tree, short_error
 
 
 class StageClock:
@@ -154,6 +156,8 @@ def restore_archive(
             in_flight: InFlight | None = None
             try:
                 for wave, shards in enumerate(chunks(list(range(len(found.shards))), wave_shards)):
+                    if cancel_requested():  # Ctrl-C: no new wave; the one in flight ends below
+                        break
                     for shard in shards:
                         clock.run("detect_align", detect_align, ctx, shard)
                     for shard in shards:
@@ -173,10 +177,15 @@ def restore_archive(
                         in_flight[1].wait()
                 release_actors(ctx.run_id)
                 ray_conn.shutdown()
-        summary = finalize(ctx, started_at, time.perf_counter() - t0, dict(clock.seconds), found.n_committed)
-    except BaseException:
+        status = "cancelled" if cancel_requested() else "completed"
+        seconds = time.perf_counter() - t0
+        summary = finalize(ctx, started_at, seconds, dict(clock.seconds), found.n_committed, status)
+    except BaseException as err:
+        stopped = isinstance(err, KeyboardInterrupt) or cancel_requested()
+        status = "cancelled" if stopped else "failed"
+        error = "stopped at once (a second Ctrl-C)" if stopped else short_error(err)
         with contextlib.suppress(Exception):  # the original error matters more than this row
-            write_run_row(ctx, started_at=started_at, status="failed")
+            close_run(ctx, started_at=started_at, status=status, error=error)
         raise
     if not keep_work:
         remove_tree(ctx.work.root)

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from dynface.core.plan import PLAN_COLUMNS
 from tasks.tables import BATCHES, DETECT_FACES, PLANS, by_face
-from tasks.work import RunContext, chunks
+from tasks.work import RunContext, chunks, stage_task
 
 
 def plan_batches(faces: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
@@ -51,7 +48,7 @@ def bucket_wave(ctx: RunContext, wave: int, shards: list[int]) -> list[str]:
     return uris
 
 
-@task(name="bucket", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+@stage_task("bucket", retries=2)
 def bucket(ctx: RunContext, wave: int, shards: list[int]) -> list[str]:
     """Group the faces of `shards` into sample batches; returns batch manifest URIs."""
     return bucket_wave(ctx, wave, shards)

@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from dynface.images.color import gray_rgb_u8
 from dynface.images.faces import AlignedFace, DetectedFace, FaceCrops, invert_affine, paste_faces
@@ -38,6 +36,7 @@ from tasks.work import (
     read_bytes,
     read_png,
     short_error,
+    stage_task,
     write_bytes,
     write_png,
 )
@@ -193,7 +192,7 @@ def compose_shard(ctx: RunContext, shard: int, samples_uri: str) -> tuple[str, s
     )
 
 
-@task(name="compose", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+@stage_task("compose", retries=3)
 def compose(ctx: RunContext, shard: int, samples_uri: str) -> str:
     """Paste back and write the outputs of one shard; returns the compose_images file URI."""
     return compose_shard(ctx, shard, samples_uri)[0]

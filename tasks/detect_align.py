@@ -11,14 +11,12 @@ import time
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from dynface.images.faces import DetectorConfig, FaceCrops, align_faces, aligned_input, detect_faces
 from dynface.images.imageio import ImageReadError, LoadedImage, read_image
 from tasks.sources import SourceReadError, read_source_bytes
 from tasks.tables import DETECT_FACES, DETECT_IMAGES, SHARDS, SOURCE_FIELDS
-from tasks.work import RunContext, short_error, write_png
+from tasks.work import RunContext, short_error, stage_task, write_png
 
 
 def find_faces(loaded: LoadedImage, *, size: int, aligned: bool, detector: DetectorConfig) -> FaceCrops:
@@ -124,7 +122,7 @@ def detect_shard(ctx: RunContext, shard: int) -> tuple[str, str]:
     return images_uri, faces_uri
 
 
-@task(name="detect_align", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+@stage_task("detect_align", retries=3)
 def detect_align(ctx: RunContext, shard: int) -> str:
     """Decode, detect and align one shard; returns the faces-manifest URI."""
     return detect_shard(ctx, shard)[1]

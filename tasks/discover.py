@@ -13,14 +13,13 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import fsspec
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 import dynface
 from catalogs import COMMITTED_STATUSES, Catalog
@@ -29,7 +28,7 @@ from dynface.packs.manifest import resolve_pack
 from dynface.restorer import config_for
 from tasks.sources import SourceReadError, hash_source, list_entries, no_content_id
 from tasks.tables import SHARDS
-from tasks.work import RunContext, is_inside, join_uri, normalize_uri
+from tasks.work import RunContext, check_bucket, is_inside, join_uri, normalize_uri, stage_task
 
 # Config keys that change how a run executes but not what it writes.
 EXECUTION_ONLY_KEYS = frozenset({"batch_size"})
@@ -130,6 +129,11 @@ def prepare_run(
     source, dest = normalize_uri(source), normalize_uri(dest)
     catalog = normalize_uri(catalog) if catalog else join_uri(dest, "catalog")
     check_locations(source, dest, catalog)
+    for uri in (dest, catalog):
+        check_bucket(uri)
+    fs, path = fsspec.core.url_to_fs(source)
+    if not (fs.exists(path) or os.path.lexists(path)):
+        raise FileNotFoundError(f"source {source!r} does not exist")
     manifest = resolve_pack(pack, weights_dir=weights_dir)
     overrides = restore_overrides(method=method, guidance=guidance, options=options)
     config = config_for(manifest, overrides)
@@ -265,7 +269,7 @@ def discover_images(ctx: RunContext, *, shard_size: int) -> Discovered:
     )
 
 
-@task(name="discover", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+@stage_task("discover", retries=3)
 def discover(ctx: RunContext, shard_size: int) -> Discovered:
     """List, hash and shard the source; drop files committed under `ctx.config_hash`."""
     return discover_images(ctx, shard_size=shard_size)

@@ -12,13 +12,11 @@ import json
 from typing import Any
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from dynface.core.plan import FacePlan, FacePlanner
 from dynface.restorer import load_planner, plan_faces
 from tasks.tables import BUCKET_WIDTH, DETECT_FACES, PLANS
-from tasks.work import RunContext, chunks, read_png
+from tasks.work import RunContext, chunks, read_png, stage_task
 
 # This process's planners by (pack files, overrides): a run plans many shards with one planner.
 _PLANNERS: dict[str, tuple[FacePlanner, torch.device]] = {}
@@ -57,7 +55,7 @@ def estimate_shard(ctx: RunContext, shard: int) -> str:
     return PLANS.write(PLANS.shard_uri(ctx.work, shard), rows)
 
 
-@task(name="estimate_std", retries=1, retry_delay_seconds=[5], cache_policy=NO_CACHE)
+@stage_task("estimate_std", retries=1)
 def estimate_std(ctx: RunContext, shard: int) -> str:
     """A FacePlan for every face of a shard; returns the plans file's URI."""
     return estimate_shard(ctx, shard)

@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from dynface.core.device import resolve_device
 from dynface.core.plan import FacePlan
 from dynface.packs.manifest import PackManifest
 from dynface.restorer import FaceResult, Restorer
+from tasks.cancel import CANCELLED_ERROR, cancel_requested
 from tasks.tables import BATCHES, SAMPLES, failed_sample_row
-from tasks.work import RunContext, read_png, report_progress, short_error, write_png
+from tasks.work import RunContext, read_png, report_progress, short_error, stage_task, write_png
 
 ACTOR_NAMESPACE = "dynface"
 CPU_ACTOR_SHARE = 0.5  # fractional CPUs per CPU actor (see module docstring)
@@ -131,24 +131,61 @@ def actor_name(run_id: str, index: int) -> str:
 _RUN_ACTORS: dict[str, list[Any]] = {}
 
 
-def get_actors(ctx: RunContext, plan: ActorPlan) -> list[Any]:
-    """The run's actors 0..n-1: those of earlier waves are reused, missing ones created."""
+# A sampling actor that dies (killed, out of memory) is restarted and its batch retried this many times;
+# a batch that still kills it fails its faces with that reason, and a fresh actor takes the next batch.
+ACTOR_RESTARTS = 2
+
+
+def new_actor(ctx: RunContext, plan: ActorPlan, name: str) -> Any:
     import ray
 
-    actors = _RUN_ACTORS.setdefault(ctx.run_id, [])
-    remote_cls = ray.remote(BatchRestorer)
-    while len(actors) < plan.num_actors:
-        actors.append(
-            remote_cls.options(
-                name=actor_name(ctx.run_id, len(actors)),
-                namespace=ACTOR_NAMESPACE,
-                num_cpus=plan.num_cpus,
-                num_gpus=plan.num_gpus,
-                max_restarts=2,
-                scheduling_strategy="SPREAD",
-            ).remote(ctx.pack, ctx.overrides, ctx.device, plan.num_threads)
+    return (
+        ray.remote(BatchRestorer)
+        .options(
+            name=name,
+            namespace=ACTOR_NAMESPACE,
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_RESTARTS,
+            scheduling_strategy="SPREAD",
         )
+        .remote(ctx.pack, ctx.overrides, ctx.device, plan.num_threads)
+    )
+
+
+def get_actors(ctx: RunContext, plan: ActorPlan) -> list[Any]:
+    """The run's actors 0..n-1: those of earlier waves are reused, missing ones created."""
+    actors = _RUN_ACTORS.setdefault(ctx.run_id, [])
+    while len(actors) < plan.num_actors:
+        actors.append(new_actor(ctx, plan, actor_name(ctx.run_id, len(actors))))
     return actors[: plan.num_actors]
+
+
+def replace_actor(ctx: RunContext, plan: ActorPlan, index: int) -> Any:
+    """A fresh actor in slot `index` of the run (after the one there died for good)."""
+    import uuid
+
+    actor = new_actor(ctx, plan, f"{actor_name(ctx.run_id, index)}-{uuid.uuid4().hex[:6]}")
+    _RUN_ACTORS[ctx.run_id][index] = actor
+    return actor
+
+
+def actor_died(err: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(err, RayActorError)
+
+
+def actor_error(err: BaseException) -> str:
+    """A failed batch's reason; an actor that died on it every time is said so plainly."""
+    if actor_died(err):
+        tries = ACTOR_RESTARTS + 1
+        return (
+            f"the sampling actor died on this batch {tries} times (killed, e.g. out of memory): "
+            + short_error(err)
+        )
+    return short_error(err)
 
 
 def release_actors(run_id: str) -> int:
@@ -162,8 +199,17 @@ def release_actors(run_id: str) -> int:
     return len(actors)
 
 
-def run_batches(actors: list[Any], batch_uris: list[str]) -> list[dict[str, Any]]:
-    """Dispatch batches to idle actors (one call in flight per actor); failures become failed rows."""
+def run_batches(
+    actors: list[Any],
+    batch_uris: list[str],
+    *,
+    respawn: Callable[[int], Any] | None = None,
+    poll_seconds: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Dispatch batches to idle actors (one call in flight per actor); failures become failed rows,
+    and an actor that died for good is replaced by `respawn(index)` before it takes another batch.
+    When the run is cancelled (tasks.cancel), no batch is dispatched any more, the actors still busy
+    are ended, and the faces of every batch not finished are recorded as cancelled."""
     import ray
 
     faces_of = {uri: BATCHES.read(uri) for uri in batch_uris}
@@ -172,18 +218,26 @@ def run_batches(actors: list[Any], batch_uris: list[str]) -> list[dict[str, Any]
     idle = deque(range(len(actors)))
     in_flight: dict[Any, tuple[int, str]] = {}
     rows: list[dict[str, Any]] = []
-    while pending or in_flight:
+    while (pending or in_flight) and not cancel_requested():
         while idle and pending:
             i, uri = idle.popleft(), pending.popleft()
             in_flight[actors[i].run.remote(uri)] = (i, uri)
-        (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-        i, uri = in_flight.pop(ref)
-        try:
-            rows.extend(ray.get(ref))
-        except Exception as err:  # noqa: BLE001 - a failed batch fails its faces, not the run
-            rows.extend(failed_rows(faces_of[uri], f"sampling failed: {short_error(err)}"))
-        idle.append(i)
-        report_progress("sample", advance=len(faces_of[uri]))
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_seconds)
+        for ref in done:
+            i, uri = in_flight.pop(ref)
+            try:
+                rows.extend(ray.get(ref))
+            except Exception as err:  # noqa: BLE001 - a failed batch fails its faces, not the run
+                rows.extend(failed_rows(faces_of[uri], f"sampling failed: {actor_error(err)}"))
+                if actor_died(err) and respawn is not None:
+                    actors[i] = respawn(i)
+            idle.append(i)
+            report_progress("sample", advance=len(faces_of[uri]))
+    if pending or in_flight:  # cancelled
+        for i, _ in in_flight.values():
+            ray.kill(actors[i], no_restart=True)
+        for uri in [*pending, *(uri for _, uri in in_flight.values())]:
+            rows.extend(failed_rows(faces_of[uri], CANCELLED_ERROR))
     return rows
 
 
@@ -196,10 +250,11 @@ def sample_wave_rows(
     if not batch_uris:
         return []
     plan = plan_actors(ray.cluster_resources(), num_actors=num_actors, n_batches=len(batch_uris))
-    return run_batches(get_actors(ctx, plan), batch_uris)
+    actors = list(get_actors(ctx, plan))
+    return run_batches(actors, batch_uris, respawn=lambda i: replace_actor(ctx, plan, i))
 
 
-@task(name="sample", retries=0, cache_policy=NO_CACHE)
+@stage_task("sample", retries=0)
 def sample(ctx: RunContext, wave: int, batch_uris: list[str], num_actors: int | None = None) -> str:
     """Restore a wave's batches on Ray; returns the URI of the wave's result rows."""
     rows = sample_wave_rows(ctx, batch_uris, num_actors=num_actors)

@@ -11,11 +11,9 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.tables import DETECT_FACES, SAMPLES, SCORES, by_face
-from tasks.work import RunContext, read_png
+from tasks.work import RunContext, read_png, stage_task
 
 Similarity = Callable[[np.ndarray, np.ndarray], float]
 
@@ -57,7 +55,7 @@ def score_shard(ctx: RunContext, shard: int, samples_uri: str) -> str:
     return SCORES.write(SCORES.shard_uri(ctx.work, shard), rows)
 
 
-@task(name="score", retries=1, retry_delay_seconds=[5], cache_policy=NO_CACHE)
+@stage_task("score", retries=1)
 def score(ctx: RunContext, shard: int, samples_uri: str) -> str:
     """Identity similarity (input vs restored crop) for every restored face of a shard."""
     return score_shard(ctx, shard, samples_uri)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,24 +72,81 @@ def is_inside(child: str, parent: str) -> bool:
 
 # -- bytes and images -----------------------------------------------------------------------------------
 def read_bytes(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as handle:
-        return handle.read()
+    """A whole file; MissingBucketError when its bucket is gone (rather than a bare FileNotFoundError)."""
+    try:
+        with fsspec.open(uri, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        check_bucket(uri)
+        raise
+
+
+def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry a failed stage unless retrying cannot help (a missing bucket)."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, MissingBucketError)
+
+
+RETRY_DELAYS = (1, 5, 15)
+
+
+def stage_task(name: str, *, retries: int) -> Callable[[Callable[..., Any]], Any]:
+    """A pipeline stage as a Prefect task: `retries` tries after the first, 1/5/15 s apart, none when
+    retrying cannot help; no result caching (resume comes from the catalog, not Prefect's cache)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(
+        name=name,
+        retries=retries,
+        retry_delay_seconds=list(RETRY_DELAYS[:retries]) or 0,
+        retry_condition_fn=retry_unless_permanent,
+        cache_policy=NO_CACHE,
+    )
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file. Local files go through a hidden temp file and a rename, so a reader (or a
-    resumed run) never sees half an output; object stores publish a PUT whole anyway."""
+    resumed run) never sees half an output; object stores publish a PUT whole anyway. A bucket is
+    never created: writing into a missing one raises MissingBucketError."""
     fs, path = fsspec.core.url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
         temp = f"{parent}/.tmp-{os.getpid()}-{path.rsplit('/', 1)[-1]}"
         with open(temp, "wb") as handle:
             handle.write(data)
         os.replace(temp, path)
-    else:
+        return
+    try:
         fs.pipe_file(path, data)
+    except FileNotFoundError as err:
+        check_bucket(uri)
+        raise err
+
+
+class MissingBucketError(FileNotFoundError):
+    """An object-store URI whose bucket does not exist (DynFace never creates buckets)."""
+
+
+def bucket_of(uri: str) -> str | None:
+    """`s3://bucket` for an object-store URI (any `proto://bucket/...`), None for local paths."""
+    if "://" not in uri or uri.startswith(("file://", "memory://")):
+        return None
+    proto, rest = uri.split("://", 1)
+    return f"{proto}://{rest.split('/', 1)[0]}"
+
+
+def check_bucket(uri: str) -> None:
+    """Raise MissingBucketError when `uri` lies in a bucket that does not exist."""
+    bucket = bucket_of(uri)
+    if bucket is None:
+        return
+    fs, path = fsspec.core.url_to_fs(bucket)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        raise MissingBucketError(f"the bucket {bucket} does not exist (DynFace never creates buckets): {uri}")
 
 
 def write_png(uri: str, rgb: np.ndarray) -> None:

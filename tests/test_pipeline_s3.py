@@ -159,3 +159,38 @@ def test_catalog_sql_and_pandas_over_s3(first_run, photos, capsys: pytest.Captur
     images = pd.read_parquet(f"{DEST}/catalog/images")
     assert sorted(images["relative_path"]) == sorted(PHOTOS)
     assert set(images["run_id"].astype(str)) == {first_run.run_id}
+
+
+def test_a_bucket_is_never_created(
+    s3, s3fs_client, photos, s3_pack, prefect_api, local_ray, tmp_path, monkeypatch
+):
+    """A destination bucket deleted mid-run is a clear error (in the command's message and the run's
+    closing row), never re-created by a write; a missing bucket is refused before a run begins."""
+    import tasks.compose
+    from flows.restore_archive import restore_archive
+    from tasks.work import MissingBucketError, write_bytes
+
+    with pytest.raises(MissingBucketError, match="s3://nowhere does not exist"):
+        write_bytes("s3://nowhere/a/b.png", b"x")
+    assert not s3fs_client.exists("nowhere")
+    catalog = str(tmp_path / "catalog")
+    with pytest.raises(MissingBucketError, match="s3://nowhere"):
+        restore_archive(source=SOURCE, dest="s3://nowhere/run", catalog=catalog, pack=s3_pack, aligned=True)
+    assert not (tmp_path / "catalog").exists()  # refused before anything was written
+    s3.create_bucket("doomed")
+    original = tasks.compose.compose_shard
+
+    def bucket_gone(ctx, shard, samples_uri):
+        s3fs_client.rm("doomed", recursive=True)
+        return original(ctx, shard, samples_uri)
+
+    monkeypatch.setattr(tasks.compose, "compose_shard", bucket_gone)
+    with pytest.raises(Exception, match="the bucket s3://doomed does not exist"):
+        restore_archive(
+            source=SOURCE, dest="s3://doomed/run", catalog=catalog, pack=s3_pack, aligned=True,
+            options=OPTIONS, guidance="closed_form",
+        )  # fmt: skip
+    assert not s3fs_client.exists("doomed")
+    runs = Catalog(catalog).read("runs")
+    closing = runs[runs["status"] != "running"]
+    assert list(closing["status"]) == ["failed"] and "s3://doomed does not exist" in closing.iloc[0]["error"]
