@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from make_bad_inputs import smooth_image, synthetic_face
+from make_bad_inputs import write_photos
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 from review_fixtures import ReviewCatalog, write_review_catalog
@@ -58,19 +58,12 @@ def tree_hashes(root: Path) -> dict[str, str]:
 # -- end to end after a real run ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def restored_run(prefect_api, local_ray, tmp_path_factory):
-    """Two drawn photos, restored in whole-photo mode: two faces on a background, one gray face."""
+    """The regression snapshot's drawn photos (two faces on a background, one gray face, a landscape
+    without a face), restored in whole-photo mode."""
     from flows.restore_archive import restore_archive
 
     root = tmp_path_factory.mktemp("publish")
-    src = root / "photos"
-    src.mkdir()
-    scene = smooth_image(300, 420, seed=3)
-    scene[20:220, 10:210] = synthetic_face(200)
-    scene[110:270, 250:410] = synthetic_face(160)[:, ::-1]
-    Image.fromarray(scene).save(src / "two_faces.png")
-    gray = smooth_image(260, 260, seed=4)
-    gray[30:230, 30:230] = synthetic_face(200)
-    Image.fromarray(gray).convert("L").save(src / "gray_face.jpg", quality=95)
+    src = write_photos(root / "photos")
     pack = write_random_pack(str(root / "pack"), resolution=32)
     summary = restore_archive(source=str(src), dest=str(root / "out"), pack=pack, options=OPTIONS)
     assert summary.status == "completed" and summary.n_faces == 3

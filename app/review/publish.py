@@ -28,6 +28,7 @@ import pandas as pd
 
 from app.review.decisions import FACE_KEY, latest_decisions, review_history
 from app.review.pixels import face_crops, read_face
+from app.review.queue import FACE_COLUMNS, IMAGE_COLUMNS
 from catalogs import Catalog
 from dynface.images.faces import paste_faces
 from dynface.images.imageio import content_hash, encode_image, read_image
@@ -45,26 +46,6 @@ from tasks.work import (
 # Why a face was pasted or kept, as the summary counts them.
 PASTED_REASONS = ("accepted", "unreviewed")
 KEPT_REASONS = ("rejected", "not reviewed", "sampling failed")
-IMAGE_COLUMNS = (
-    "run_id",
-    "image_id",
-    "source_uri",
-    "relative_path",
-    "is_grayscale",
-    "status",
-    "committed_at",
-)
-FACE_COLUMNS = (
-    "run_id",
-    "image_id",
-    "face_index",
-    "bbox",
-    "landmarks",
-    "det_score",
-    "affine",
-    "output_uri",
-    "status",
-)
 
 
 @dataclass(frozen=True)
