@@ -368,11 +368,11 @@ def run_train_starter(args: argparse.Namespace) -> int:
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_restore_command,
     add_catalog_command,
-    add_review_command,
-    add_publish_command,
     add_pack_command,
     add_evaluate_command,
     add_train_command,
+    add_review_command,
+    add_publish_command,
 )
 
 

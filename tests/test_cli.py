@@ -37,8 +37,8 @@ def test_parse_option_reads_json_values_else_strings():
 
 def test_subcommands_are_registered_explicitly():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["restore", "catalog", "pack", "evaluate", "train"]
-    assert len(SUBCOMMANDS) == 5
+    assert list(sub.choices) == ["restore", "catalog", "pack", "evaluate", "train", "review", "publish"]
+    assert len(SUBCOMMANDS) == 7
     with pytest.raises(SystemExit):
         main(["no-such-command"])
 
