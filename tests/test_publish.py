@@ -210,3 +210,28 @@ def test_publishing_into_the_archive_or_an_unknown_run_is_refused(review, capsys
     assert "Unknown run 'r7'" in capsys.readouterr().err
     assert tree_hashes(Path(review.source)) == before
     assert review.catalog.read("publications").empty
+
+
+def test_same_bytes_under_other_names_are_photos_with_the_original_faces(review, tmp_path):
+    """As the pipeline records them: a second name in the same run shares the image_id (and its faces);
+    a later run's copy has no faces rows of its own and reuses those of the run that restored it."""
+    catalog = review.catalog
+    images = catalog.read("images", run_id="r1").set_index("relative_path")
+    for run_id, name, copy in (("r1", "two.png", "copy/two.png"), ("r2", "one.jpg", "later/one.jpg")):
+        row = images.loc[[name]].reset_index()
+        target = Path(review.source) / copy
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(row.loc[0, "source_uri"]).read_bytes())
+        row["run_id"], row["relative_path"], row["source_uri"] = run_id, copy, str(target)
+        catalog.write_part("images", row, run_id=run_id)
+    decide(review, "one.jpg#0", "reject")
+    summary = publish(catalog, str(tmp_path / "final"))
+    published = {p.relative_path: p for p in summary.photos}
+    assert published["copy/two.png"].pasted == [0, 1] and published["later/one.jpg"].kept == [0]
+    final = tmp_path / "final"
+    np.testing.assert_array_equal(rgb_of(final / "copy" / "two.png"), rgb_of(final / "two.png"))
+    source = rgb_of(review.faces["one.jpg#0"].source_uri)
+    np.testing.assert_array_equal(rgb_of(final / "later" / "one.jpg"), jpeg_round_trip(source))
+    assert catalog.read("publications", run_id="r2").set_index("image_id").loc[
+        review.faces["one.jpg#0"].image_id, "published_uri"
+    ] == str(final / "later" / "one.jpg")

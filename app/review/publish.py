@@ -1,7 +1,8 @@
 """`dynface publish`: the final photos, with only the faces a curator let through pasted back.
 
 For every restored photo (`images` rows with status ok; with several runs, the latest row per relative
-path) the source is read again and the restored faces are pasted with the pipeline's own paste-back
+path; a file with the same bytes as another is a photo of its own, with that file's faces) the source
+is read again and the restored faces are pasted with the pipeline's own paste-back
 (`paste_faces`, the crops rebuilt from the catalog's affines), choosing per face:
 - accepted: pasted;
 - rejected: the source pixels stay;
@@ -104,7 +105,8 @@ def publish(
     if photos.empty:
         return summary
     _check_dest(catalog, dest)
-    faces = catalog.read("faces", run_id=run_id, columns=FACE_COLUMNS)
+    image_ids = sorted(set(photos["image_id"]))
+    faces = catalog.read("faces", columns=FACE_COLUMNS, filters=[("image_id", "in", image_ids)])
     faces_of = {key: group.to_dict("records") for key, group in faces.groupby(["run_id", "image_id"])}
     history = review_history(catalog, run_id=run_id)
     decisions = {
@@ -113,7 +115,7 @@ def publish(
     }
     sources = {normalize_uri(uri) for uri in photos["source_uri"]}
     for image in photos.to_dict("records"):
-        rows = faces_of.get((image["run_id"], image["image_id"]), [])
+        rows = photo_faces(faces_of, image["run_id"], image["image_id"])
         summary.photos.append(
             publish_photo(image, rows, decisions, dest, sources=sources, require_review=require_review)
         )
@@ -123,11 +125,23 @@ def publish(
 
 
 def photos_to_publish(catalog: Catalog, *, run_id: str | None = None) -> pd.DataFrame:
-    """`images` rows with status ok, the latest per image and then per relative path."""
+    """`images` rows with status ok, the latest per relative path (files with the same bytes under
+    other names are photos of their own)."""
     images = catalog.read("images", run_id=run_id, columns=IMAGE_COLUMNS, filters=[("status", "==", "ok")])
     images = images.sort_values("committed_at", kind="stable", na_position="first")
-    images = images.drop_duplicates("image_id", keep="last").drop_duplicates("relative_path", keep="last")
+    images = images.drop_duplicates("relative_path", keep="last")
     return images.sort_values("relative_path", kind="stable").reset_index(drop=True)
+
+
+def photo_faces(
+    faces_of: Mapping[tuple[str, str], list[dict[str, Any]]], run_id: str, image_id: str
+) -> list[dict[str, Any]]:
+    """The faces of a photo: its own run's rows, else (a file whose bytes an earlier run restored,
+    reused as the pipeline reuses it) the rows of the latest run that has them."""
+    if (run_id, image_id) in faces_of:
+        return faces_of[(run_id, image_id)]
+    runs = sorted(r for r, i in faces_of if i == image_id)
+    return faces_of[(runs[-1], image_id)] if runs else []
 
 
 def face_reasons(
