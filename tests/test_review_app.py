@@ -91,8 +91,10 @@ def test_filters_by_run_status_bucket_and_decision(review):
     client = client_for(review)
     assert labels(client.get("/api/faces?run=r2").json()["faces"]) == ["old.png#0", "old.png#1"]
     assert labels(client.get("/api/faces?status=failed").json()["faces"]) == ["broken.png#0"]
-    # t_start 820 -> bucket 16 (t 800-849)
+    # t_start 820 -> bucket 16; the filter lists each bucket with the t_start range of its faces
     assert labels(client.get("/api/faces?bucket=16").json()["faces"]) == ["two.png#1"]
+    assert '<option value="16" >t 820-820</option>' in client.get("/").text
+    assert '<option value="14" >t 700-705</option>' in client.get("/").text
     assert decide(client, review.faces["two.png#1"], "accept").status_code == 200
     assert decide(client, review.faces["one.jpg#0"], "reject").status_code == 200
     assert decide(client, review.faces["whole.png#0"], "skip").status_code == 200

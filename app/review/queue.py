@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import pandas as pd
 
 from catalogs import Catalog
-from tasks.work import BUCKET_WIDTH
 
 FACE_COLUMNS = (
     "run_id",
@@ -158,9 +157,11 @@ def qa_messages(faces: pd.DataFrame) -> list[str]:
     return messages
 
 
-def bucket_label(bucket: int) -> str:
-    """t_start range of a bucket, e.g. "t 700-749"."""
-    return f"t {bucket * BUCKET_WIDTH}-{(bucket + 1) * BUCKET_WIDTH - 1}"
+def bucket_choices(faces: pd.DataFrame) -> list[tuple[int, str]]:
+    """(bucket, label) for the t_start buckets present, labelled with the t_start range their faces
+    span, e.g. (14, "t 702-745"); read from the data, so it holds whatever the bucket width was."""
+    spans = faces.dropna(subset=["bucket", "t_start"]).groupby("bucket")["t_start"].agg(["min", "max"])
+    return [(int(b), f"t {int(lo)}-{int(hi)}") for b, (lo, hi) in spans.sort_index().iterrows()]
 
 
 def attach_decisions(

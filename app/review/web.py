@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.templating import Jinja2Templates
 
 from app.review.decisions import FaceKey
-from app.review.queue import DECISION_FILTERS, FACE_STATUSES, QA_COLUMNS, ReviewFilters, bucket_label
+from app.review.queue import DECISION_FILTERS, FACE_STATUSES, QA_COLUMNS, ReviewFilters, bucket_choices
 from app.review.service import PixelsUnavailable, ReviewService, UnknownRun
 from catalogs import REVIEW_DECISIONS
 
@@ -96,9 +96,7 @@ def create_app(service: ReviewService) -> FastAPI:
             filters=query,
             runs=service.runs if service.run_id is None else [service.run_id],
             statuses=FACE_STATUSES,
-            buckets=[
-                (int(b), bucket_label(int(b))) for b in sorted(service.faces["bucket"].dropna().unique())
-            ],
+            buckets=bucket_choices(service.faces),
             decisions=DECISION_FILTERS,
             page_number=number,
             pages=pages,
