@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo clean browser
 
 venv: $(STAMP)
 
@@ -23,9 +23,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps "lpips==0.1.4" "dists-pytorch==0.1"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
+
+# The review app's browser test drives Debian's chromium (never a browser Playwright downloads). Installed
+# with apt when absent; where that is impossible (no root, no apt) the test skips and says so.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -n")
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian's chromium for the review app's browser test"; \
+	    ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	      >/dev/null 2>&1 || echo "WARNING: chromium could not be installed; the browser test will skip"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,6 +3,8 @@
     dynface restore SRC DEST [--catalog URI] [--pack NAME|URI] [--weights-dir DIR] [--aligned] [--method M]
                     [--guidance dps|closed_form] [--device D] [--shard-size N] [--compare]
                     [--option key=value ...]
+    dynface review CATALOG_URI [--run RUN_ID] [--port 8765] [--reviewer NAME]
+    dynface publish CATALOG_URI DEST [--require-review] [--run RUN_ID]
     dynface catalog sql CATALOG_URI "SELECT ..."
     dynface pack random DIR [--resolution 32]
     dynface pack pin PACK --out DIR [--weights-dir DIR]
@@ -302,6 +304,84 @@ def run_catalog_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- review and publish ---------------------------------------------------------------------------
+def add_review_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("review", help="review restored faces in a local web app (127.0.0.1 only)")
+    p.add_argument("catalog", help="catalog URI (e.g. out/run/catalog or s3://bucket/run/catalog)")
+    p.add_argument("--run", default=None, help="review one run (default: every run of the catalog)")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765)")
+    p.add_argument("--reviewer", default=None, help="name recorded with each decision (default: the OS user)")
+    p.set_defaults(handler=run_review)
+
+
+def run_review(args: argparse.Namespace) -> int:
+    apply_offline_env(quiet=True)
+    from app.review.decisions import default_reviewer
+    from app.review.service import ReviewService, UnknownRun
+    from app.review.web import HOST, create_app, serve
+    from catalogs import Catalog
+
+    try:
+        service = ReviewService(
+            Catalog(args.catalog), reviewer=args.reviewer or default_reviewer(), run_id=args.run
+        )
+    except UnknownRun as err:
+        print(f"dynface review: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - an unreadable catalog is a message, not a traceback
+        print(
+            f"dynface review: error: cannot read {args.catalog}: {type(err).__name__}: {err}", file=sys.stderr
+        )
+        return 1
+    counts = service.counts()
+    print(
+        f"reviewing {len(service.faces)} faces ({counts.reviewed} reviewed, {counts.to_review} to review) "
+        f"as {service.reviewer}: open http://{HOST}:{args.port}/  (Ctrl-C stops)"
+    )
+    serve(create_app(service), port=args.port)
+    return 0
+
+
+def add_publish_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("publish", help="write the final photos: rejected faces keep the source pixels")
+    p.add_argument("catalog", help="catalog URI")
+    p.add_argument("dest", help="folder or URI that receives the final photos")
+    p.add_argument(
+        "--require-review",
+        action="store_true",
+        help="paste only accepted faces (default: every face not rejected)",
+    )
+    p.add_argument("--run", default=None, help="publish one run (default: the latest row of every photo)")
+    p.add_argument("--publisher", default=None, help="name recorded with the publication (default: OS user)")
+    p.set_defaults(handler=run_publish)
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    apply_offline_env(quiet=True)
+    from app.review.decisions import default_reviewer
+    from app.review.publish import format_publish_summary, publish
+    from app.review.service import known_runs, unknown_run_message
+    from catalogs import Catalog
+
+    catalog = Catalog(args.catalog)
+    try:
+        if args.run is not None and args.run not in (runs := known_runs(catalog)):
+            print(f"dynface publish: {unknown_run_message(args.run, runs)}", file=sys.stderr)
+            return 2
+        summary = publish(
+            catalog,
+            args.dest,
+            require_review=args.require_review,
+            run_id=args.run,
+            publisher=args.publisher or default_reviewer(),
+        )
+    except Exception as err:  # noqa: BLE001 - storage and location errors become a message
+        print(f"dynface publish: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(format_publish_summary(summary))
+    return 1 if summary.failed else 0
+
+
 # -- pack -------------------------------------------------------------------------------------------
 def add_pack_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("pack", help="model pack tools")
@@ -423,6 +503,8 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_pack_command,
     add_evaluate_command,
     add_train_command,
+    add_review_command,
+    add_publish_command,
 )
 
 

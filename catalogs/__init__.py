@@ -1,4 +1,4 @@
-"""Parquet catalogs of runs, images and faces: schemas, atomic part writers, readers and SQL.
+"""Parquet catalogs (runs, images, faces, reviews, publications): schemas, atomic part writers, readers, SQL.
 
 Typical use: `cat = Catalog("s3://bucket/catalog")` (or a local path, `file://`, `memory://`), then
 `cat.write_part("images", rows, run_id=run_id)` after the outputs exist, `cat.committed_image_ids(h)`
@@ -13,6 +13,9 @@ from catalogs.schemas import (
     FACES_SCHEMA,
     IMAGE_STATUSES,
     IMAGES_SCHEMA,
+    PUBLICATIONS_SCHEMA,
+    REVIEW_DECISIONS,
+    REVIEWS_SCHEMA,
     RUNS_SCHEMA,
     TABLE_NAMES,
     TABLE_SCHEMAS,
@@ -29,6 +32,9 @@ __all__ = [
     "FACES_SCHEMA",
     "IMAGES_SCHEMA",
     "IMAGE_STATUSES",
+    "PUBLICATIONS_SCHEMA",
+    "REVIEWS_SCHEMA",
+    "REVIEW_DECISIONS",
     "RUNS_SCHEMA",
     "TABLE_NAMES",
     "TABLE_SCHEMAS",

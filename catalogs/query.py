@@ -1,4 +1,5 @@
-"""SQL over a catalog with DuckDB: views `runs`, `images`, `faces` on lazy pyarrow datasets.
+"""SQL over a catalog with DuckDB: one view per table (`runs`, `images`, `faces`, `reviews`,
+`publications`) on lazy pyarrow datasets.
 
 The datasets are read through fsspec, so the same query runs on a local catalog and on S3, and
 DuckDB needs no extension or credentials of its own. Empty tables still exist with all their columns.
@@ -26,7 +27,7 @@ def connect(catalog: Catalog) -> duckdb.DuckDBPyConnection:
 
 
 def sql(catalog: Catalog, query: str) -> pd.DataFrame:
-    """Run one SQL statement over the catalog's `runs`, `images` and `faces` views."""
+    """Run one SQL statement over the catalog's table views (`TABLE_NAMES`)."""
     if not query.strip():
         raise ValueError("empty SQL query")
     con = connect(catalog)

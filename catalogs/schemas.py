@@ -1,4 +1,7 @@
-"""Arrow schemas of the three catalog tables and the validation that guards every write.
+"""Arrow schemas of the catalog tables and the validation that guards every write.
+
+The pipeline writes `runs`, `images` and `faces`; the review workflow (`dynface review`, `dynface publish`)
+appends `reviews` (one row per decision on a face) and `publications` (one row per published photo).
 
 Each field may carry metadata that states its contract, checked by `conform_table`:
 `doc` (what it means), `unit` (of a measured value), `allowed` (comma-separated values), `length`
@@ -19,11 +22,14 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-TableName = Literal["runs", "images", "faces"]
-TABLE_NAMES: tuple[TableName, ...] = ("runs", "images", "faces")
+TableName = Literal["runs", "images", "faces", "reviews", "publications"]
+TABLE_NAMES: tuple[TableName, ...] = ("runs", "images", "faces", "reviews", "publications")
 PARTITION_COLUMN = "run_id"
 
 IMAGE_STATUSES: tuple[str, ...] = ("ok", "no_face", "failed", "skipped")
+# A curator's verdict on one restored face: publish it, keep the source pixels, or decide later.
+REVIEW_DECISIONS: tuple[str, ...] = ("accept", "reject", "skip")
+PUBLICATION_STATUSES: tuple[str, ...] = ("ok", "failed")
 # What a resume treats as done: `failed` rows are retried and `skipped` rows only say a run passed by.
 COMMITTED_STATUSES: tuple[str, ...] = ("ok", "no_face")
 
@@ -42,6 +48,15 @@ def _run_id() -> pa.Field:
 
 def _config_hash() -> pa.Field:
     return _f("config_hash", pa.string(), "hash of the restoration config; resume key", nullable=False)
+
+
+def _face_key() -> list[pa.Field]:
+    """run_id, image_id, face_index: the key of a `faces` row."""
+    return [
+        _run_id(),
+        _f("image_id", pa.string(), "image the face belongs to", nullable=False, format="sha256"),
+        _f("face_index", pa.int32(), "face number k within the image", nullable=False),
+    ]
 
 
 RUNS_SCHEMA = pa.schema(
@@ -122,9 +137,7 @@ IMAGES_SCHEMA = pa.schema(
 
 FACES_SCHEMA = pa.schema(
     [
-        _run_id(),
-        _f("image_id", pa.string(), "image the face belongs to", nullable=False, format="sha256"),
-        _f("face_index", pa.int32(), "face number k within the image", nullable=False),
+        *_face_key(),
         _f("bbox", pa.list_(pa.float32()), "x0, y0, x1, y1 in image pixels", length=4),
         _f("landmarks", pa.list_(pa.float32()), "5 points x, y interleaved in image pixels", length=10),
         _f("det_score", pa.float64(), "detector score"),
@@ -159,8 +172,46 @@ FACES_SCHEMA = pa.schema(
     ]
 )
 
+# Append-only: a new decision on a face is a new row; the latest `decided_at` per face is the one in force.
+REVIEWS_SCHEMA = pa.schema(
+    [
+        *_face_key(),
+        _f("review_id", pa.string(), "unique id of this decision (uuid4 hex)", nullable=False),
+        _f("decision", pa.string(), "the verdict", nullable=False, allowed=",".join(REVIEW_DECISIONS)),
+        _f("note", pa.string(), "the reviewer's note"),
+        _f("reviewer", pa.string(), "who decided (--reviewer or the OS user)", nullable=False),
+        _f("decided_at", TIMESTAMP, "when the decision was recorded", nullable=False),
+    ]
+)
+
+# One row per photo a `dynface publish` wrote (or failed to write); run_id and image_id name the
+# images row whose restored faces were used.
+PUBLICATIONS_SCHEMA = pa.schema(
+    [
+        _run_id(),
+        _f("image_id", pa.string(), "image that was published", nullable=False, format="sha256"),
+        _f("publication_id", pa.string(), "one id per publish command", nullable=False),
+        _f("published_at", TIMESTAMP, "when the photo was written", nullable=False),
+        _f("source_uri", pa.string(), "source photo (only read)", nullable=False),
+        _f("published_uri", pa.string(), "the final photo; null when the publication failed"),
+        _f("require_review", pa.bool_(), "only accepted faces were pasted", nullable=False),
+        _f("faces_pasted", pa.list_(pa.int32()), "face indices whose restored pixels were pasted"),
+        _f("faces_kept", pa.list_(pa.int32()), "face indices that kept the source pixels"),
+        _f("reviews_through", TIMESTAMP, "latest review time taken into account"),
+        _f("publisher", pa.string(), "who published"),
+        _f("status", pa.string(), "outcome", nullable=False, allowed=",".join(PUBLICATION_STATUSES)),
+        _f("error", pa.string(), "why the photo was not published"),
+    ]
+)
+
 TABLE_SCHEMAS: Mapping[str, pa.Schema] = MappingProxyType(
-    {"runs": RUNS_SCHEMA, "images": IMAGES_SCHEMA, "faces": FACES_SCHEMA}
+    {
+        "runs": RUNS_SCHEMA,
+        "images": IMAGES_SCHEMA,
+        "faces": FACES_SCHEMA,
+        "reviews": REVIEWS_SCHEMA,
+        "publications": PUBLICATIONS_SCHEMA,
+    }
 )
 
 

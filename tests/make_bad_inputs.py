@@ -63,6 +63,21 @@ def smooth_image(height: int, width: int, *, seed: int = 0) -> np.ndarray:
     return np.rint(out).astype(np.uint8)
 
 
+def write_photos(folder: Path) -> Path:
+    """Three whole photos drawn by us: two faces on a background, one gray face, no face at all
+    (dlib finds 2, 1 and 0 faces)."""
+    folder.mkdir(parents=True)
+    scene = smooth_image(300, 420, seed=3)
+    scene[20:220, 10:210] = synthetic_face(200)
+    scene[110:270, 250:410] = synthetic_face(160)[:, ::-1]
+    Image.fromarray(scene).save(folder / "two_faces.png")
+    gray = smooth_image(260, 260, seed=4)
+    gray[30:230, 30:230] = synthetic_face(200)
+    Image.fromarray(gray).convert("L").save(folder / "gray_face.jpg", quality=95)
+    Image.fromarray(smooth_image(200, 300, seed=5)).save(folder / "landscape.png")
+    return folder
+
+
 def png_bytes(
     width: int, height: int, *, color_type: int, bit_depth: int, rows: list[bytes] | bytes
 ) -> bytes:

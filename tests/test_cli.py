@@ -38,10 +38,10 @@ def test_parse_option_reads_json_values_else_strings():
 
 def test_subcommands_are_registered_explicitly():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["restore", "catalog", "pack", "evaluate", "train"]
+    assert list(sub.choices) == ["restore", "catalog", "pack", "evaluate", "train", "review", "publish"]
     pack = next(a for a in sub.choices["pack"]._actions if isinstance(a, argparse._SubParsersAction))
     assert list(pack.choices) == ["random", "pin"]
-    assert len(SUBCOMMANDS) == 5
+    assert len(SUBCOMMANDS) == 7
     with pytest.raises(SystemExit):
         main(["no-such-command"])
 

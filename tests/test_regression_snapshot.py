@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from make_bad_inputs import smooth_image, synthetic_face
+from make_bad_inputs import write_photos
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
@@ -30,20 +30,6 @@ FACES = Path(__file__).parent / "regression" / "restore_snapshot_faces.npz"
 RECORD = os.environ.get("DYNFACE_RECORD_SNAPSHOT") == "1"
 OPTIONS = {"respacing": "ddim10"}
 FACE_VALUES = ("status", "std_hat", "std_final", "t_start", "bucket", "eta", "guidance_levels", "n_steps")
-
-
-def write_photos(folder: Path) -> Path:
-    """Three whole photos drawn by us: two faces on a background, one gray face, no face at all."""
-    folder.mkdir(parents=True)
-    scene = smooth_image(300, 420, seed=3)
-    scene[20:220, 10:210] = synthetic_face(200)
-    scene[110:270, 250:410] = synthetic_face(160)[:, ::-1]
-    Image.fromarray(scene).save(folder / "two_faces.png")
-    gray = smooth_image(260, 260, seed=4)
-    gray[30:230, 30:230] = synthetic_face(200)
-    Image.fromarray(gray).convert("L").save(folder / "gray_face.jpg", quality=95)
-    Image.fromarray(smooth_image(200, 300, seed=5)).save(folder / "landscape.png")
-    return folder
 
 
 def _sha256(path: Path) -> str:
