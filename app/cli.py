@@ -151,7 +151,7 @@ def preflight(args: argparse.Namespace) -> str | None:
     from app.costs import cpu_cost_note
     from dynface.core.device import resolve_device
     from dynface.packs.loading import load_dsst
-    from dynface.packs.manifest import resolve_pack
+    from dynface.packs.manifest import resolve_pack, verify_pinned
     from dynface.restorer import config_for
     from tasks.discover import check_locations, restore_overrides
     from tasks.work import check_bucket, join_uri, normalize_uri
@@ -165,6 +165,7 @@ def preflight(args: argparse.Namespace) -> str | None:
     for uri in (dest, catalog):
         check_bucket(uri)
     manifest = resolve_pack(args.pack, weights_dir=args.weights_dir, measure_unpinned=False)
+    verify_pinned(manifest)
     overrides = restore_overrides(method=args.method, guidance=args.guidance, options=dict(args.option))
     config = config_for(manifest, overrides)
     if resolve_device(args.device).type != "cpu":

@@ -110,6 +110,8 @@ def test_restore_refuses_bad_settings_before_anything_starts(offline_env, tmp_pa
     src.mkdir()
     Image.fromarray(synthetic_face(40)).save(src / "face.png")
     dest = tmp_path / "out"
+    tampered = Path(write_random_pack(str(tmp_path / "pack"), resolution=32)).parent
+    (tampered / "dgsa.safetensors").write_bytes(b"replaced after the pack was written")
     cases = [
         ([str(src), str(src)], "dest must differ from source"),
         ([str(tmp_path / "missing"), str(dest)], "does not exist"),
@@ -117,6 +119,7 @@ def test_restore_refuses_bad_settings_before_anything_starts(offline_env, tmp_pa
         ([str(src), str(dest), "--option", "respacing=nonsense"], "bad respacing 'nonsense'"),
         ([str(src), str(dest), "--option", "no_such_knob=1"], "unknown restore options"),
         ([str(src), str(dest), "--pack", "difface", "--weights-dir", str(tmp_path)], "not found; looked at"),
+        ([str(src), str(dest), "--pack", str(tampered)], "the manifest pins"),
     ]
     for argv, message in cases:
         assert main(["restore", *argv]) == 2, argv

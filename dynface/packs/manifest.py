@@ -264,3 +264,17 @@ def resolve_pack(
             sha = sha256_of(uri)
         components[name] = replace(spec, uri=uri, sha256=sha, pinned=pinned)
     return replace(manifest, components=components)
+
+
+def verify_pinned(manifest: PackManifest) -> None:
+    """Check every pinned file of a resolved manifest against its hash (ChecksumError naming it)."""
+    from dynface.checkpoints import ChecksumError
+
+    for name, spec in manifest.components.items():
+        if spec.pinned and spec.sha256 is not None:
+            actual = sha256_of(manifest.component_uri(name))
+            if actual != spec.sha256:
+                raise ChecksumError(
+                    f"pack '{manifest.name}': {name} file {manifest.component_uri(name)} has sha256 {actual},"
+                    f" the manifest pins {spec.sha256}"
+                )
