@@ -322,7 +322,22 @@ def test_encode_lossy_and_errors() -> None:
 def test_content_hash_and_extensions() -> None:
     assert content_hash(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert content_hash(b"xyz") == hashlib.sha256(b"xyz").hexdigest()
-    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"} == set(IMAGE_EXTENSIONS)
+    decoded = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif"}
+    assert set(IMAGE_EXTENSIONS) == decoded
+
+
+def test_avif_decodes_and_heif_is_unsupported_whatever_its_name() -> None:
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    rgb[:, :24] = (200, 40, 40)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "AVIF", quality=95)
+    loaded = read_image(buf.getvalue())
+    assert loaded.format == "AVIF" and (loaded.width, loaded.height) == (48, 32)
+    assert np.abs(loaded.rgb.astype(int) - rgb).mean() < 8
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    with pytest.raises(ImageReadError) as err:
+        read_image(heic)
+    assert err.value.reason == "unsupported_format" and err.value.status == "skipped"
 
 
 # ---------------------------------------------------------------- the generated bad-input folder
