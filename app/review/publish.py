@@ -196,8 +196,13 @@ def publish_photo(
             read_face(by_index[a.index]["output_uri"]) if reasons[a.index] in PASTED_REASONS else None
             for a in crops.faces
         ]
-        composite = paste_faces(loaded.rgb, crops, restored)
-        write_bytes(target, encode_image(composite, output_format(image["relative_path"])))
+        fmt = output_format(image["relative_path"])
+        unchanged = fmt == image["relative_path"].rsplit(".", 1)[-1].lower()
+        if unchanged and all(face is None for face in restored):
+            write_bytes(target, data)  # nothing pasted: the source file itself, not a lossy re-encoding
+        else:
+            composite = paste_faces(loaded.rgb, crops, restored)
+            write_bytes(target, encode_image(composite, output_format(image["relative_path"])))
     except Exception as err:  # noqa: BLE001 - one photo failing is reported; the others are still published
         return replace(photo, error=short_error(err))
     return replace(photo, published_uri=target)
