@@ -1,4 +1,4 @@
-"""Diffusion process: golden tables and steps (shared/golden README §11), respacing, losses."""
+"""Diffusion process: golden tables and steps (tests/golden, shared golden README §11), respacing, losses."""
 
 from __future__ import annotations
 
