@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -17,8 +18,11 @@ from dynface.core.dblm import DBLMOutput, plan_levels, run_dblm, to_reference_st
 from dynface.core.device import resolve_device
 from dynface.core.diffusion import Diffusion
 from dynface.core.memory import PeakMemory, available_bytes, batch_size_for_budget
-from dynface.core.sampler import SampleBatch, SamplerConfig, StepInfo, sample
+from dynface.core.sampler import SampleBatch, SampleOutput, SamplerConfig, StepInfo, sample
+from dynface.core.speed import SpeedOptions, prepare_prior, set_backend_flags
 from dynface.packs.loading import LoadedPack, load_pack
+
+log = logging.getLogger("dynface")
 
 Method = Literal["full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only"]
 METHODS: tuple[str, ...] = ("full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only")
@@ -52,12 +56,22 @@ class RestoreConfig:
     rm_flip_ensemble: bool = False
     batch_size: int = 8  # 0: the largest batch whose measured peak memory fits (CUDA; 8 on CPU)
     seed: int = 12345
+    # How the prior runs (dynface.core.speed; README, "Performance"): not what it computes.
+    compile_mode: str | None = None  # torch.compile mode, None: eager
+    channels_last: bool = False
+    cudnn_benchmark: bool = True  # CUDA: autotune convolution algorithms
+    tf32: bool = False  # CUDA: TF32 convolutions/matmuls in fp32 (~1e-3 relative per layer)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.batch_size < 0:
             raise ValueError("batch_size must be >= 0 (0 = automatic)")
+        self.speed  # noqa: B018 - validates the speed options
+
+    @property
+    def speed(self) -> SpeedOptions:
+        return SpeedOptions(self.compile_mode, self.channels_last, self.cudnn_benchmark, self.tf32)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RestoreConfig:
@@ -148,8 +162,14 @@ class Restorer:
         self.std_range = pack.manifest.std_range
         self.diffusion = Diffusion.create(config.sampler.respacing)
         self._auto_batch: int | None = None
+        self._batch_cap: int | None = None  # lowered when a batch ran out of device memory
         for net in pack.networks().values():
             net.to(device)
+        set_backend_flags(device, config.speed)
+        self.prior = prepare_prior(pack.prior, config.speed)
+        sampler = self._sampler_config()
+        if sampler.precision == "fp16" and sampler.mode == "dps" and config.method != "rm_only":
+            raise ValueError("precision fp16 with dps guidance underflows (no loss scaling): use bf16")
 
     @classmethod
     def from_pack(
@@ -174,24 +194,70 @@ class Restorer:
     def auto_batch_size(self, *, budget_fraction: float = 0.8, max_batch: int = 64) -> int:
         """Largest batch whose peak memory fits `budget_fraction` of the free device memory.
 
-        Measured on CUDA by running one guided step at batch 1 and 2 (memory is linear in the batch);
-        on CPU the allocator gives no reliable in-process peak, so a fixed 8 is used.
+        Measured on CUDA with `memory_probe` (one step of the configured method) at batch 1 and 2 after
+        a warm-up probe (cuDNN workspaces and allocator pools are cold at first): memory is linear in
+        the batch. On CPU the allocator gives no reliable in-process peak, so a fixed 8 is used.
         """
         if self.device.type != "cuda":
             return 8
         if self._auto_batch is None:
-            res = self.resolution
-            probe = np.full((res, res, 3), 127, dtype=np.uint8)
-            # One guided step (t = 0) of the configured guidance mode, at batch 1 and 2.
-            one_step = self.with_config(method="dblm", dblm_t_start=0, batch_size=2)
+            self.memory_probe(1)
             peaks = []
             for b in (1, 2):
                 with PeakMemory(self.device) as pm:
-                    one_step.restore([probe] * b, seeds=list(range(b)))
+                    self.memory_probe(b)
                 peaks.append(pm.peak_bytes)
             budget = int(available_bytes(self.device) * budget_fraction)
             self._auto_batch = batch_size_for_budget(*peaks, budget, max_batch=max_batch).batch_size
         return self._auto_batch
+
+    def batch_size(self) -> int:
+        """Faces per batch: the configured size, or the automatic one (0), lowered after running out of
+        device memory."""
+        size = self.config.batch_size or self.auto_batch_size()
+        return size if self._batch_cap is None else min(size, self._batch_cap)
+
+    def memory_probe(self, batch: int) -> SampleOutput | None:
+        """One sampler step of the configured method on `batch` gray faces, every guidance level active
+        (t = 0), DBLM included: what a batch of that size holds at its peak."""
+        res = self.resolution
+        y = self._input_batch([np.full((res, res, 3), 127, dtype=np.uint8)] * batch)
+        dblm = self._dblm(y)
+        if self.config.method == "rm_only":
+            return None
+        targets = replace(dblm.targets, t_starts=torch.zeros_like(dblm.targets.t_starts))
+        zero = torch.zeros(batch, dtype=torch.long)
+        probe = SampleBatch(
+            init=targets.targets[:, 0], t_start=zero, eta=self._eta(dblm.std_hat), seeds=list(range(batch)),
+            targets=targets,
+        )  # fmt: skip
+        return sample(
+            self.prior,
+            self.diffusion,
+            probe,
+            self._sampler_config(),
+            dgsa=self.pack.dgsa,
+            std_range=self.std_range,
+        )
+
+    def _in_batches(self, n: int, run: Callable[[list[int]], list[FaceResult]]) -> list[FaceResult]:
+        """run(indices) over consecutive batches of `batch_size()` faces. A batch that runs out of device
+        memory is retried at half the size, and the smaller size is kept (a batch of one re-raises)."""
+        results: list[FaceResult] = []
+        size = self.batch_size()
+        while len(results) < n:
+            indices = list(range(len(results), min(len(results) + size, n)))
+            try:
+                results.extend(run(indices))
+            except torch.OutOfMemoryError:
+                if len(indices) == 1:
+                    raise
+                size = len(indices) // 2
+                self._batch_cap = size
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of device memory at a batch of %d faces: retrying at %d", len(indices), size)
+        return results
 
     # -- stages ---------------------------------------------------------------------------------
     def _dblm_args(self) -> dict[str, Any]:
@@ -292,18 +358,15 @@ class Restorer:
         if restored is not None and len(restored) != len(faces):
             raise ValueError("one restored image per face")
         seeds = [face_seed(f, self.config.seed) for f in faces] if seeds is None else list(seeds)
-        results: list[FaceResult | None] = [None] * len(faces)
-        bs = self.config.batch_size or self.auto_batch_size()
-        for start in range(0, len(faces), bs):
-            chunk = list(range(start, min(start + bs, len(faces))))
+
+        def run(chunk: list[int]) -> list[FaceResult]:
             known = None if std_hats is None else [float(std_hats[i]) for i in chunk]
             given = None if restored is None else [restored[i] for i in chunk]
-            batch = self._restore_batch(
+            return self._restore_batch(
                 [faces[i] for i in chunk], [seeds[i] for i in chunk], known, given, progress
             )
-            for i, res in zip(chunk, batch):
-                results[i] = res
-        return [r for r in results if r is not None]
+
+        return self._in_batches(len(faces), run)
 
     def _restore_batch(
         self,
@@ -337,7 +400,7 @@ class Restorer:
             eta = self._eta(dblm.std_hat)
             batch = SampleBatch(init=init, t_start=t_start, eta=eta, seeds=seeds, targets=targets)
             out = sample(
-                self.pack.prior,
+                self.prior,
                 self.diffusion,
                 batch,
                 self._sampler_config(),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +14,10 @@ import torch
 
 from dynface.core.dblm import run_dblm
 from dynface.core.diffusion import Diffusion
-from dynface.core.sampler import SampleBatch, SamplerConfig, StepInfo, sample, start_indices
+from dynface.core.sampler import FaceNoise, SampleBatch, SamplerConfig, StepInfo, sample, start_indices
 from dynface.packs.loading import LoadedPack, load_pack
 from dynface.packs.writer import write_random_pack
+from dynface.restorer import Restorer
 
 RES = 32
 
@@ -123,3 +128,127 @@ def test_bad_batch_raises(pack: LoadedPack) -> None:
         sample(pack.prior, Diffusion.create("ddim25"), replace(batch, seeds=[1]), SamplerConfig())
     with pytest.raises(ValueError):
         SamplerConfig(mode="bogus")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------- built for the GPU
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _mixed_batch(pack: LoadedPack, n: int = 5) -> SampleBatch:
+    """Unsorted per-face starts and etas, levels starting at different steps: every path of the loop."""
+    batch = _batch(pack, n=n, seed=4)
+    t_start = torch.tensor([200, 900, 520, 700, 300][:n])
+    t_starts = torch.stack([t_start, t_start - 60, t_start - 120], dim=1)
+    return replace(
+        batch,
+        t_start=t_start,
+        eta=torch.linspace(0.0, 1.0, n),
+        targets=replace(batch.targets, t_starts=t_starts),
+    )
+
+
+@pytest.mark.parametrize("mode", ["dps", "closed_form", "none"])
+def test_bit_for_bit_the_plain_loop(pack: LoadedPack, mode: str) -> None:
+    """The GPU-ready loop computes exactly what the plain one (benchmarks/sampler_before.py) does."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from sampler_before import sample_before
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    diffusion = Diffusion.create("ddim10")
+    batch = _mixed_batch(pack)
+    cfg = SamplerConfig(mode=mode, respacing="ddim10", guidance_scale=5.0, kernel_step=0.5)
+    kwargs = {"dgsa": pack.dgsa, "std_range": pack.manifest.std_range}
+    new, old = (
+        sample(pack.prior, diffusion, batch, cfg, **kwargs),
+        sample_before(pack.prior, diffusion, batch, cfg, **kwargs),
+    )
+    assert torch.equal(new.images, old.images)
+    assert torch.equal(new.stds_final, old.stds_final) and torch.equal(new.final_residual, old.final_residual)
+    assert torch.equal(new.n_steps, old.n_steps)
+    np.testing.assert_array_equal(new.residual_history, old.residual_history)
+
+
+READS = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def counting_device_reads() -> Iterator[list[int]]:
+    """Counts every tensor value brought to the host (on a GPU each one waits for the device)."""
+    count = [0]
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            count[0] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counted(original))
+    try:
+        yield count
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kernel_update", "most"), [("dps", True, 1), ("dps", False, 0), ("closed_form", False, 0)]
+)
+def test_a_step_reads_the_device_at_most_once(
+    pack: LoadedPack, mode: str, kernel_update: bool, most: int
+) -> None:
+    """Once per step to refresh the host copy of the kernel stds after their update; never without it."""
+    batch = _mixed_batch(pack)
+    cfg = SamplerConfig(mode=mode, respacing="ddim10", kernel_update=kernel_update)
+    per_step: list[int] = []
+    with counting_device_reads() as count:
+
+        def step_done(_info: StepInfo) -> None:
+            per_step.append(count[0])
+            count[0] = 0
+
+        out = sample(pack.prior, Diffusion.create("ddim10"), batch, cfg, dgsa=pack.dgsa, progress=step_done)
+    # per_step[0] also counts the run's setup (start steps, etas, the stds' first host copy).
+    assert len(per_step) == int(out.n_steps.max()) and max(per_step[1:]) == most
+
+
+def test_face_noise_is_each_faces_own_stream() -> None:
+    together = FaceNoise([7, 8, 9], (3, 4, 4), torch.device("cpu"))
+    alone = FaceNoise([8], (3, 4, 4), torch.device("cpu"))
+    first, second = together.draw(3).clone(), together.draw(2).clone()
+    g = torch.Generator().manual_seed(8)
+    assert torch.equal(first[1], torch.randn((3, 4, 4), generator=g))
+    assert torch.equal(second[1], torch.randn((3, 4, 4), generator=g))
+    assert torch.equal(alone.draw(1)[0], first[1]) and torch.equal(alone.draw(1)[0], second[1])
+
+
+def test_same_seeds_give_the_same_faces_alone_and_batched(tmp_path) -> None:
+    """Faces starting at different steps, restored together and one by one: the same faces (the blur's
+    kernel size follows the batch's largest std, which may move a pixel by one level)."""
+    uri = write_random_pack(str(tmp_path / "pack"), resolution=RES, seed=5)
+    restorer = Restorer.from_pack(uri, overrides={"respacing": "ddim10", "batch_size": 4}, device="cpu")
+    rng = np.random.default_rng(2)
+    faces = [rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for _ in range(4)]
+    lo, hi = restorer.std_range
+    std_hats = list(np.linspace(lo, hi, 4))  # different starts (DSST) and kernel sizes
+    together = restorer.restore(faces, std_hats=std_hats)
+    assert len({r.t_start for r in together}) > 1
+    for i, face in enumerate(faces):
+        alone = restorer.restore([face], std_hats=[std_hats[i]])[0]
+        diff = np.abs(alone.image.astype(int) - together[i].image.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+        assert alone.seed == together[i].seed
+        np.testing.assert_allclose(alone.std_final, together[i].std_final, rtol=1e-3)
+    other = restorer.restore(faces, seeds=[1, 2, 3, 4], std_hats=std_hats)
+    assert all(np.abs(a.image.astype(int) - b.image.astype(int)).max() > 1 for a, b in zip(other, together))
+
+
+def test_fp16_with_dps_is_refused(pack: LoadedPack) -> None:
+    batch = replace(_batch(pack, n=1), t_start=torch.tensor([80]))
+    with pytest.raises(ValueError, match="fp16"):
+        sample(pack.prior, Diffusion.create("ddim25"), batch, SamplerConfig(precision="fp16"))
+    sample(pack.prior, Diffusion.create("ddim25"), batch, SamplerConfig(mode="closed_form", precision="fp16"))
