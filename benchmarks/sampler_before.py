@@ -127,3 +127,30 @@ def sample_before(
         residual_history=history,
         final_residual=final,
     )
+
+
+def reference_loop(
+    prior: nn.Module,
+    diffusion: Diffusion,
+    batch: SampleBatch,
+    config: SamplerConfig,
+    *,
+    dgsa: nn.Module | None = None,
+    std_range: tuple[float, float] = (0.0, float("inf")),
+) -> Tensor:
+    """The DifFace-style baseline of `benchmarks/gpu_check.py`: the plain loop above in fp32, run once
+    per group of faces sharing a start step (no batching across start steps); returns the images."""
+    images = torch.empty_like(batch.init)
+    fp32 = config.with_(precision="fp32")
+    for t in torch.unique(batch.t_start.cpu()).tolist():
+        rows = torch.nonzero(batch.t_start.cpu() == t).flatten()
+        rows_d = rows.to(batch.init.device)
+        group = SampleBatch(
+            init=batch.init[rows_d],
+            t_start=batch.t_start[rows],
+            eta=batch.eta[rows_d],
+            seeds=[batch.seeds[i] for i in rows.tolist()],
+            targets=None if batch.targets is None else batch.targets.select(rows_d),
+        )
+        images[rows_d] = sample_before(prior, diffusion, group, fp32, dgsa=dgsa, std_range=std_range).images
+    return images

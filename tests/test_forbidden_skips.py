@@ -1,4 +1,4 @@
-"""tests/conftest.py fails the run when a golden test skips, or a shared-data test skips while the data exists."""
+"""tests/conftest.py fails the run when a golden test skips, or a data test skips while the data exists."""
 
 from __future__ import annotations
 

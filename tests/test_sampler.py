@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +16,10 @@ from dynface.core.sampler import FaceNoise, SampleBatch, SamplerConfig, StepInfo
 from dynface.packs.loading import LoadedPack, load_pack
 from dynface.packs.writer import write_random_pack
 from dynface.restorer import Restorer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from sampler_before import sample_before  # noqa: E402 - the plain loop, bit-for-bit baseline
+from step_counters import HostReadCounter  # noqa: E402 - the project's count of waits on the device
 
 RES = 32
 
@@ -132,8 +134,6 @@ def test_bad_batch_raises(pack: LoadedPack) -> None:
 
 # ------------------------------------------------------------------------------- built for the GPU
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 def _mixed_batch(pack: LoadedPack, n: int = 5) -> SampleBatch:
     """Unsorted per-face starts and etas, levels starting at different steps: every path of the loop."""
@@ -151,11 +151,6 @@ def _mixed_batch(pack: LoadedPack, n: int = 5) -> SampleBatch:
 @pytest.mark.parametrize("mode", ["dps", "closed_form", "none"])
 def test_bit_for_bit_the_plain_loop(pack: LoadedPack, mode: str) -> None:
     """The GPU-ready loop computes exactly what the plain one (benchmarks/sampler_before.py) does."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from sampler_before import sample_before
-    finally:
-        sys.path.remove(str(BENCHMARKS))
     diffusion = Diffusion.create("ddim10")
     batch = _mixed_batch(pack)
     cfg = SamplerConfig(mode=mode, respacing="ddim10", guidance_scale=5.0, kernel_step=0.5)
@@ -170,31 +165,6 @@ def test_bit_for_bit_the_plain_loop(pack: LoadedPack, mode: str) -> None:
     np.testing.assert_array_equal(new.residual_history, old.residual_history)
 
 
-READS = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__", "__int__", "__index__")
-
-
-@contextlib.contextmanager
-def counting_device_reads() -> Iterator[list[int]]:
-    """Counts every tensor value brought to the host (on a GPU each one waits for the device)."""
-    count = [0]
-    originals = {name: getattr(torch.Tensor, name) for name in READS}
-
-    def counted(original):
-        def read(self, *args, **kwargs):
-            count[0] += 1
-            return original(self, *args, **kwargs)
-
-        return read
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counted(original))
-    try:
-        yield count
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-
-
 @pytest.mark.parametrize(
     ("mode", "kernel_update", "most"), [("dps", True, 1), ("dps", False, 0), ("closed_form", False, 0)]
 )
@@ -205,11 +175,10 @@ def test_a_step_reads_the_device_at_most_once(
     batch = _mixed_batch(pack)
     cfg = SamplerConfig(mode=mode, respacing="ddim10", kernel_update=kernel_update)
     per_step: list[int] = []
-    with counting_device_reads() as count:
+    with HostReadCounter() as reads:
 
         def step_done(_info: StepInfo) -> None:
-            per_step.append(count[0])
-            count[0] = 0
+            per_step.append(reads.count - sum(per_step))
 
         out = sample(pack.prior, Diffusion.create("ddim10"), batch, cfg, dgsa=pack.dgsa, progress=step_done)
     # per_step[0] also counts the run's setup (start steps, etas, the stds' first host copy).
