@@ -4,14 +4,13 @@ that cannot start fail the stage after a timeout (a local Ray that advertises on
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from test_ray_cluster import OVERRIDES, make_batches
 
 from app.raylocal import RAY_HOME_ENV, ray_start_environment
 from dynface.packs.writer import write_random_pack
-from tasks.sample import ActorPlan, get_actors, plan_actors, release_actors, run_batches
-from tasks.work import RunContext
+from tasks.sample import ActorPlan, get_actors, plan_actors, release_actors
 
 
 def test_more_actors_than_gpus_share_them() -> None:
@@ -42,27 +41,23 @@ def ray_with_one_gpu(tmp_path_factory: pytest.TempPathFactory):
             ray.shutdown()
 
 
-def _context(tmp_path: Path, run_id: str) -> RunContext:
+def _context(tmp_path: Path, run_id: str) -> SimpleNamespace:
+    """What get_actors reads of a run's context (a RunContext in the pipeline)."""
     pack = write_random_pack(str(tmp_path / "pack"), resolution=32)
-    return RunContext(
-        run_id=run_id, source=str(tmp_path), dest=str(tmp_path / "out"), catalog="", pack=pack,
-        pack_name="random-32", pack_sha256={}, resolution=32, aligned=True, device="cpu", compare=False,
-        overrides=OVERRIDES, config={}, config_hash="0" * 64, code_version="test", batch_size=2,
-    )  # fmt: skip
+    return SimpleNamespace(run_id=run_id, pack=pack, overrides={"respacing": "ddim5"}, device="cpu")
 
 
-def test_two_actors_share_the_one_gpu_and_sample(ray_with_one_gpu, tmp_path: Path) -> None:
+def test_two_actors_share_the_one_gpu_and_start(ray_with_one_gpu, tmp_path: Path) -> None:
     import ray
 
     ctx = _context(tmp_path, "share-test")
     plan = plan_actors(ray.cluster_resources(), num_actors=2, n_batches=2)
     assert (plan.num_actors, plan.num_gpus) == (2, 0.5)
-    batches = make_batches(tmp_path, n_batches=2, per_batch=1)
     try:
-        rows = run_batches(get_actors(ctx, plan, start_timeout_s=300), batches)
+        actors = get_actors(ctx, plan, start_timeout_s=300)  # returns once both have loaded the pack
+        assert ray.get([a.ready.remote() for a in actors], timeout=60) == [True, True]
     finally:
         assert release_actors(ctx.run_id) == 2
-    assert [r["status"] for r in rows] == ["ok", "ok"]
 
 
 def test_actors_that_cannot_be_placed_fail_after_the_timeout(ray_with_one_gpu, tmp_path: Path) -> None:

@@ -288,11 +288,11 @@ def sample(
                     stds[:n] = new
                 host_stds.refresh(stds)
             with torch.no_grad():
-                if main_norm is None:
-                    main_norm = level_norms(residuals(x0, tg, size=host_stds.kernel_size(n, main_only=True)))[
-                        :, 0
-                    ]
-                history[step, :n] = _rms(main_norm, x0)
+                if main_norm is None:  # unguided: no guidance loss has computed the residuals
+                    rms = rms_residual(x0, tg, size=host_stds.kernel_size(n, main_only=True))
+                else:
+                    rms = _rms(main_norm, x0)
+                history[step, :n] = rms
         if progress is not None:
             progress(StepInfo(step=step, total=top + 1, timestep=int(schedule.timesteps[k]), n_active=n))
 
