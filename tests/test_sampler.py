@@ -226,3 +226,13 @@ def test_fp16_with_dps_is_refused(pack: LoadedPack) -> None:
     with pytest.raises(ValueError, match="fp16"):
         sample(pack.prior, Diffusion.create("ddim25"), batch, SamplerConfig(precision="fp16"))
     sample(pack.prior, Diffusion.create("ddim25"), batch, SamplerConfig(mode="closed_form", precision="fp16"))
+
+
+def test_invalid_kernel_stds_are_refused(pack: LoadedPack) -> None:
+    """The host decides the blur's kernel size, so it also checks the stds the blur would have checked."""
+    batch = _batch(pack, n=2)
+    bad = replace(
+        batch, targets=replace(batch.targets, stds=batch.targets.stds * torch.tensor([[1.0], [0.0]]))
+    )
+    with pytest.raises(ValueError, match="std must be finite and > 0"):
+        sample(pack.prior, Diffusion.create("ddim10"), bad, SamplerConfig(respacing="ddim10"))
