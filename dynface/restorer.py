@@ -8,9 +8,10 @@ A face's numbers before sampling (std*, levels, start step, η, seed) are its `F
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,9 +25,12 @@ from dynface.core.device import resolve_device
 from dynface.core.diffusion import Diffusion
 from dynface.core.memory import PeakMemory, available_bytes, batch_size_for_budget
 from dynface.core.plan import SINGLE_LEVEL_METHODS, FacePlan, FacePlanner
-from dynface.core.sampler import SampleBatch, SamplerConfig, StepInfo, sample
+from dynface.core.sampler import SampleBatch, SampleOutput, SamplerConfig, StepInfo, sample
+from dynface.core.speed import prepare_prior, set_backend_flags
 from dynface.packs.loading import LoadedPack, load_pack, load_planner_parts
 from dynface.packs.manifest import PackManifest, read_manifest
+
+log = logging.getLogger("dynface")
 
 __all__ = [
     "METHODS",
@@ -170,8 +174,14 @@ class Restorer:
             se=pack.se, dsst=pack.dsst, resolution=self.resolution, std_range=self.std_range, config=config
         )
         self._auto_batch: int | None = None
+        self._batch_cap: int | None = None  # lowered when a batch ran out of device memory
         for net in pack.networks().values():
             net.to(device)
+        set_backend_flags(device, config.speed)
+        self.prior = prepare_prior(pack.prior, config.speed)
+        sampler = self._sampler_config()
+        if sampler.precision == "fp16" and sampler.mode == "dps" and config.method != "rm_only":
+            raise ValueError("precision fp16 with dps guidance underflows (no loss scaling): use bf16")
 
     @classmethod
     def from_pack(
@@ -196,27 +206,62 @@ class Restorer:
     def auto_batch_size(self, *, budget_fraction: float = 0.8, max_batch: int = 64) -> int:
         """Largest batch whose peak memory fits `budget_fraction` of the free device memory.
 
-        Measured on CUDA by running one guided step at batch 1 and 2 (memory is linear in the batch);
-        on CPU the allocator gives no reliable in-process peak, so a fixed 8 is used.
+        Measured on CUDA with `memory_probe` (one step of the configured method) at batch 1 and 2 after
+        a warm-up probe (cuDNN workspaces and allocator pools are cold at first): memory is linear in
+        the batch. On CPU the allocator gives no reliable in-process peak, so a fixed 8 is used.
         """
         if self.device.type != "cuda":
             return 8
         if self._auto_batch is None:
-            res = self.resolution
-            probe = np.full((res, res, 3), 127, dtype=np.uint8)
-            # One guided step (t = 0) of the configured guidance mode, at batch 1 and 2.
-            one_step = self.with_config(method="dblm", dblm_t_start=0, batch_size=2)
+            self.memory_probe(1)
             peaks = []
             for b in (1, 2):
                 with PeakMemory(self.device) as pm:
-                    one_step.restore([probe] * b, seeds=list(range(b)))
+                    self.memory_probe(b)
                 peaks.append(pm.peak_bytes)
             budget = int(available_bytes(self.device) * budget_fraction)
             self._auto_batch = batch_size_for_budget(*peaks, budget, max_batch=max_batch).batch_size
         return self._auto_batch
 
-    def _batch_size(self) -> int:
-        return self.config.batch_size or self.auto_batch_size()
+    def batch_size(self) -> int:
+        """Faces per batch: the configured size, or the automatic one (0), lowered after running out of
+        device memory."""
+        size = self.config.batch_size or self.auto_batch_size()
+        return size if self._batch_cap is None else min(size, self._batch_cap)
+
+    def memory_probe(self, batch: int) -> SampleOutput | None:
+        """One sampler step of the configured method on `batch` gray faces, every guidance level active
+        (t = 0), DBLM included: what a batch of that size holds at its peak."""
+        res = self.resolution
+        faces = [np.full((res, res, 3), 127, dtype=np.uint8)] * batch
+        plans = [
+            replace(p, t_start=0, level_t_starts=(0,) * len(p.level_t_starts))
+            for p in plan_faces(self.planner, faces, device=self.device, batch_size=batch, seeds=range(batch))
+        ]
+        y = input_batch(faces, res, self.device)
+        rm_out = restore_rm(y, self.pack.rm, flip_ensemble=self.config.rm_flip_ensemble)
+        if self.config.method == "rm_only":
+            return None
+        return self._sample(rm_out, plans, None)
+
+    def _in_batches(self, n: int, run: Callable[[list[int]], list[FaceResult]]) -> list[FaceResult]:
+        """run(indices) over consecutive batches of `batch_size()` faces. A batch that runs out of device
+        memory is retried at half the size, and the smaller size is kept (a batch of one re-raises)."""
+        results: list[FaceResult] = []
+        size = self.batch_size()
+        while len(results) < n:
+            indices = list(range(len(results), min(len(results) + size, n)))
+            try:
+                results.extend(run(indices))
+            except torch.OutOfMemoryError:
+                if len(indices) == 1:
+                    raise
+                size = len(indices) // 2
+                self._batch_cap = size
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of device memory at a batch of %d faces: retrying at %d", len(indices), size)
+        return results
 
     def _sampler_config(self) -> SamplerConfig:
         cfg, method = self.config, self.config.method
@@ -238,7 +283,7 @@ class Restorer:
     # -- the two halves -------------------------------------------------------------------------
     def plan(self, faces: Sequence[np.ndarray], *, seeds: Sequence[int] | None = None) -> list[FacePlan]:
         """SE + DSST only (no RM, no sampling): each face's std*, levels, start step, η and seed."""
-        return plan_faces(self.planner, faces, device=self.device, batch_size=self._batch_size(), seeds=seeds)
+        return plan_faces(self.planner, faces, device=self.device, batch_size=self.batch_size(), seeds=seeds)
 
     def restore(
         self,
@@ -262,18 +307,50 @@ class Restorer:
             raise ValueError("plans carry their seeds; pass plans or seeds, not both")
         if restored is not None and len(restored) != len(faces):
             raise ValueError("one restored image per face")
-        bs = self._batch_size()
-        results: list[FaceResult] = []
-        for start in range(0, len(faces), bs):
-            chunk = list(faces[start : start + bs])
+
+        def run(chunk: list[int]) -> list[FaceResult]:
+            crops = [faces[i] for i in chunk]
             if plans is None:
-                seed_chunk = None if seeds is None else list(seeds[start : start + bs])
-                chunk_plans = self.plan(chunk, seeds=seed_chunk)
+                seed_chunk = None if seeds is None else [seeds[i] for i in chunk]
+                chunk_plans = self.plan(crops, seeds=seed_chunk)
             else:
-                chunk_plans = list(plans[start : start + bs])
-            given = None if restored is None else list(restored[start : start + bs])
-            results.extend(self._restore_batch(chunk, chunk_plans, given, progress))
-        return results
+                chunk_plans = [plans[i] for i in chunk]
+            given = None if restored is None else [restored[i] for i in chunk]
+            return self._restore_batch(crops, chunk_plans, given, progress)
+
+        return self._in_batches(len(faces), run)
+
+    def _sample(
+        self, rm_out: Tensor, plans: list[FacePlan], progress: Callable[[StepInfo], None] | None
+    ) -> SampleOutput:
+        """The guided sampler over one batch: RM's output (B, 3, R, R) in [0, 1] and the faces' plans."""
+        cfg = self.config
+        targets = guidance_targets(
+            rm_out,
+            stds=torch.tensor([p.level_stds_px for p in plans], dtype=rm_out.dtype),
+            t_starts=torch.tensor([p.level_t_starts for p in plans], dtype=torch.long),
+            valid=torch.tensor([p.level_valid for p in plans], dtype=torch.bool),
+            weights=self._level_weights(),
+        )
+        t_start = torch.tensor([p.t_start for p in plans], dtype=torch.long)
+        if cfg.method == "difface" or cfg.init_from == "restored":
+            init = 2 * rm_out - 1
+        else:
+            # [choice] §3.10: diffuse the target whose start is latest (the most blurred level).
+            pick = targets.t_starts.argmax(dim=1)
+            init = targets.targets[torch.arange(len(plans)), pick]
+        eta = torch.tensor([p.eta for p in plans], dtype=torch.float32, device=rm_out.device)
+        seeds = [p.seed for p in plans]
+        batch = SampleBatch(init=init, t_start=t_start, eta=eta, seeds=seeds, targets=targets)
+        return sample(
+            self.prior,
+            self.diffusion,
+            batch,
+            self._sampler_config(),
+            dgsa=self.pack.dgsa,
+            std_range=self.std_range,
+            progress=progress,
+        )
 
     def _restore_batch(
         self,
@@ -295,33 +372,7 @@ class Restorer:
         if cfg.method == "rm_only":
             images = rm_out
         else:
-            targets = guidance_targets(
-                rm_out,
-                stds=torch.tensor([p.level_stds_px for p in plans], dtype=y.dtype),
-                t_starts=torch.tensor([p.level_t_starts for p in plans], dtype=torch.long),
-                valid=torch.tensor([p.level_valid for p in plans], dtype=torch.bool),
-                weights=self._level_weights(),
-            )
-            t_start = torch.tensor([p.t_start for p in plans], dtype=torch.long)
-            if cfg.method == "difface" or cfg.init_from == "restored":
-                init = 2 * rm_out - 1
-            else:
-                # [choice] §3.10: diffuse the target whose start is latest (the most blurred level).
-                pick = targets.t_starts.argmax(dim=1)
-                init = targets.targets[torch.arange(len(faces)), pick]
-            eta = torch.tensor([p.eta for p in plans], dtype=torch.float32, device=self.device)
-            batch = SampleBatch(
-                init=init, t_start=t_start, eta=eta, seeds=[p.seed for p in plans], targets=targets
-            )
-            out = sample(
-                self.pack.prior,
-                self.diffusion,
-                batch,
-                self._sampler_config(),
-                dgsa=self.pack.dgsa,
-                std_range=self.std_range,
-                progress=progress,
-            )
+            out = self._sample(rm_out, plans, progress)
             images = (out.images + 1) / 2
         t2 = time.perf_counter()
         n = len(faces)

@@ -31,7 +31,11 @@ from tasks.tables import SHARDS
 from tasks.work import RunContext, check_bucket, is_inside, join_uri, normalize_uri, stage_task
 
 # Config keys that change how a run executes but not what it writes.
-EXECUTION_ONLY_KEYS = frozenset({"batch_size"})
+# (tf32 and precision stay in: they change the numbers the prior computes.)
+EXECUTION_ONLY_KEYS = frozenset({"batch_size", "compile_mode", "channels_last", "cudnn_benchmark"})
+# Faces per batch manifest when the batch size is automatic (0): each actor then splits a manifest
+# into the batches its own device memory holds (Restorer.batch_size).
+AUTO_MANIFEST_BATCH = 32
 OUTPUT_FOLDERS = ("restored", "faces", "compare", ".work")
 
 
@@ -162,7 +166,7 @@ def prepare_run(
             aligned_max_aspect=aligned_max_aspect,
         ),
         code_version=version,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size or AUTO_MANIFEST_BATCH,
         detector=detector,
         aligned_max_aspect=aligned_max_aspect,
     )

@@ -8,11 +8,15 @@ error; the run goes on, and compose keeps those faces unrestored.
 A run's actors (named `dynface-sampler-{run_id}-{i}`) are created on first use and reused by
 every later wave of the run; `release_actors` ends them. Resources follow shared/design/PLATFORM.md: one
 GPU per actor when the cluster has GPUs, else `num_gpus=0` and a fractional CPU share so the
-driver's own tasks are never starved.
+driver's own tasks are never starved. More actors than GPUs share them in equal fractions (a request
+Ray cannot place would wait forever), and actors that do not start within `ACTOR_START_TIMEOUT_S`
+fail the stage with what they asked for and what the cluster has.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +35,8 @@ from tasks.work import RunContext, read_png, report_progress, short_error, stage
 
 ACTOR_NAMESPACE = "dynface"
 CPU_ACTOR_SHARE = 0.5  # fractional CPUs per CPU actor (see module docstring)
+# Loading a 512-px pack from S3 on a busy node can take minutes; an actor Ray cannot place never starts.
+ACTOR_START_TIMEOUT_S = float(os.environ.get("DYNFACE_ACTOR_START_TIMEOUT_S", "900"))
 
 
 def _node_id() -> str | None:
@@ -81,6 +87,10 @@ class BatchRestorer:
         self.restorer = Restorer.from_pack(pack, overrides=overrides, device=resolve_device(device))
         self.node_id = _node_id()
 
+    def ready(self) -> bool:
+        """Answers once the pack is loaded (the driver waits on it with a timeout)."""
+        return True
+
     def run(self, batch_uri: str) -> list[dict[str, Any]]:
         """Restore every face of the batch; returns one small dict per face (no pixels)."""
         faces = BATCHES.read(batch_uri)
@@ -101,22 +111,25 @@ class ActorPlan:
 
     num_actors: int
     num_cpus: float
-    num_gpus: int
+    num_gpus: float  # 1 per actor, a fraction when more actors than GPUs were asked for, 0 on CPUs
     num_threads: int
 
 
 def plan_actors(resources: dict[str, float], *, num_actors: int | None, n_batches: int) -> ActorPlan:
     """Actors for a cluster with `resources` (ray.cluster_resources()), never more than there are
-    batches; `num_actors` overrides the count. With GPUs: one actor per GPU. On CPUs: one
-    single-threaded actor per core but one (left to the driver's stages): measured on 2 loaded
-    cores, a 2-thread torch actor ran a batch 4x slower than a 1-thread one (oversubscription)."""
+    batches; `num_actors` overrides the count. With GPUs: one actor per GPU, or, when more actors
+    are asked for, k = ⌈actors / GPUs⌉ actors sharing each GPU with 1/k of it each (so every actor fits
+    on one GPU and all of them can be placed), never more than the cluster's CPUs hold at one CPU
+    each. On CPUs: one single-threaded actor per core but one (left to the driver's stages): measured
+    on 2 loaded cores, a 2-thread torch actor ran a batch 4x slower than a 1-thread one."""
     gpus = int(resources.get("GPU", 0.0))
     cpus = float(resources.get("CPU", 1.0))
     if num_actors is not None and num_actors < 1:
         raise ValueError("num_actors must be >= 1")
     if gpus >= 1:
-        count = num_actors or gpus
-        return ActorPlan(num_actors=max(1, min(count, n_batches)), num_cpus=1.0, num_gpus=1, num_threads=1)
+        count = max(1, min(num_actors or gpus, n_batches, max(1, int(cpus))))
+        per_gpu = math.ceil(count / gpus)
+        return ActorPlan(num_actors=count, num_cpus=1.0, num_gpus=1.0 / per_gpu, num_threads=1)
     count = max(1, min(num_actors or max(1, int(cpus) - 1), n_batches))
     return ActorPlan(num_actors=count, num_cpus=CPU_ACTOR_SHARE, num_gpus=0, num_threads=1)
 
@@ -154,11 +167,29 @@ def new_actor(ctx: RunContext, plan: ActorPlan, name: str) -> Any:
     )
 
 
-def get_actors(ctx: RunContext, plan: ActorPlan) -> list[Any]:
-    """The run's actors 0..n-1: those of earlier waves are reused, missing ones created."""
+def get_actors(ctx: RunContext, plan: ActorPlan, *, start_timeout_s: float | None = None) -> list[Any]:
+    """The run's actors 0..n-1: those of earlier waves are reused, missing ones created and waited for
+    (TimeoutError after `start_timeout_s`, default ACTOR_START_TIMEOUT_S, instead of waiting forever)."""
+    import ray
+
     actors = _RUN_ACTORS.setdefault(ctx.run_id, [])
+    created = []
     while len(actors) < plan.num_actors:
+        created.append(len(actors))
         actors.append(new_actor(ctx, plan, actor_name(ctx.run_id, len(actors))))
+    if created:
+        timeout = ACTOR_START_TIMEOUT_S if start_timeout_s is None else start_timeout_s
+        waiting = [actors[i].ready.remote() for i in created]
+        # A failed start counts as started here: its batches then fail with the actor's error.
+        _, pending = ray.wait(waiting, num_returns=len(waiting), timeout=timeout)
+        if pending:
+            for handle in _RUN_ACTORS.pop(ctx.run_id, []):
+                ray.kill(handle)
+            raise TimeoutError(
+                f"{len(pending)} of {len(waiting)} sampling actors did not start within {timeout:.0f} s; "
+                f"each asks num_gpus={plan.num_gpus:g}, num_cpus={plan.num_cpus:g}; "
+                f"the cluster has {ray.cluster_resources()}"
+            )
     return actors[: plan.num_actors]
 
 

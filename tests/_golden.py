@@ -1,4 +1,5 @@
-"""Helpers for the golden vectors of ../shared/golden (README there, sections 3, 7 and 8)."""
+"""Helpers for the golden vectors shipped in tests/golden (copied from the project's shared golden set;
+section numbers refer to the shared set's README, see tests/golden/README.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
 # Tier B (float32 strict) of the golden README, section 7.
 TIER_B = (2e-5, 1e-5)
@@ -46,6 +49,15 @@ def fill_by_rule(model: nn.Module, entries: list[dict]) -> None:
             p = params[e["name"]]
             assert tuple(p.shape) == tuple(e["shape"]), e["name"]
             p.copy_(torch.from_numpy(rule_weight(e["param_index"], e["name"], tuple(e["shape"]))))
+
+
+def load_expected(golden_dir: Path, case: str) -> np.ndarray:
+    """The reference output of a case as float64: the float64 file where a float64 test needs it, else
+    its float32 rounding (tests/golden/README.md)."""
+    f64, f32 = golden_dir / f"{case}_expected_f64.npy", golden_dir / f"{case}_expected_f32.npy"
+    if f64.is_file():
+        return np.load(f64)
+    return np.load(f32).astype(np.float64)
 
 
 def assert_close_tier(y: np.ndarray, expected: np.ndarray, tier: tuple[float, float]) -> None:

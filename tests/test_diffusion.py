@@ -1,4 +1,4 @@
-"""Diffusion process: golden tables and steps (shared/golden README §11), respacing, losses."""
+"""Diffusion process: golden tables and steps (tests/golden, shared golden README §11), respacing, losses."""
 
 from __future__ import annotations
 
@@ -391,3 +391,27 @@ def test_training_losses_pixel_weight_counts_only_weighted_pixels() -> None:
         _assert_close(masked[key], cropped[key])
     (grad,) = torch.autograd.grad(masked["loss"].sum(), out)
     assert torch.all(grad * (1 - mask) == 0) and grad[inside].abs().sum() > 0
+
+
+@pytest.mark.parametrize("coefficient_dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ddim_schedule_is_bit_for_bit_the_gathered_step(golden: dict, coefficient_dtype: str, dtype) -> None:
+    """The sampler's tabled coefficients (built once per run) give exactly predict_xstart and ddim_step."""
+    diff = Diffusion.create("ddim250", coefficient_dtype=coefficient_dtype)
+    x_t, out, z = (
+        torch.from_numpy(golden[f"ddim250/{key}"]).to(dtype) for key in ("x_t", "model_output", "noise")
+    )
+    etas = np.array([0.0, 0.25, 0.6, 1.0])
+    schedule = diff.ddim_schedule(etas, device=torch.device("cpu"), dtype=dtype)
+    for k in (0, 1, 125, 249):  # every sample at the same step, as in the sampler
+        index = torch.full((4,), k)
+        eps = out[:, :3]
+        x0 = schedule.predict_xstart(x_t, k, eps)
+        assert torch.equal(x0, diff.predict_xstart(x_t, index, eps))
+        step = diff.ddim_step(x_t, index, out, z, eta=torch.from_numpy(etas))
+        assert torch.equal(schedule.step(x0, eps, z, k), step.prev_sample)
+        # the first rows alone (the running faces of a step) take the first rows' coefficients
+        assert torch.equal(schedule.step(x0[:2], eps[:2], z[:2], k), step.prev_sample[:2])
+        assert schedule.timesteps[k] == diff.timestep_map[k]
+    with pytest.raises(ValueError):
+        diff.ddim_schedule(np.array([-0.1]), device=torch.device("cpu"), dtype=dtype)

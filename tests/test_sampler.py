@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +12,14 @@ import torch
 
 from dynface.core.dblm import run_dblm
 from dynface.core.diffusion import Diffusion
-from dynface.core.sampler import SampleBatch, SamplerConfig, StepInfo, sample, start_indices
+from dynface.core.sampler import FaceNoise, SampleBatch, SamplerConfig, StepInfo, sample, start_indices
 from dynface.packs.loading import LoadedPack, load_pack
 from dynface.packs.writer import write_random_pack
+from dynface.restorer import Restorer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from sampler_before import sample_before  # noqa: E402 - the plain loop, bit-for-bit baseline
+from step_counters import HostReadCounter  # noqa: E402 - the project's count of waits on the device
 
 RES = 32
 
@@ -48,27 +55,6 @@ def test_guidance_lowers_residual_over_the_steps(pack: LoadedPack, mode: str) ->
     hist = guided.residual_history
     first = hist[np.argmax(~np.isnan(hist), axis=0), np.arange(hist.shape[1])]
     assert np.all(hist[-1] < first)
-
-
-def test_sample_is_identical_alone_or_in_a_batch(pack: LoadedPack) -> None:
-    diffusion = Diffusion.create("ddim25")
-    batch = _batch(pack, n=3)
-    cfg = SamplerConfig(respacing="ddim25", guidance_scale=1.0)
-    together = sample(pack.prior, diffusion, batch, cfg, dgsa=pack.dgsa, std_range=pack.manifest.std_range)
-    for i in range(3):
-        one = SampleBatch(
-            init=batch.init[i : i + 1],
-            t_start=batch.t_start[i : i + 1],
-            eta=batch.eta[i : i + 1],
-            seeds=[batch.seeds[i]],
-            targets=batch.targets.select(torch.tensor([i])),
-        )
-        alone = sample(pack.prior, diffusion, one, cfg, dgsa=pack.dgsa, std_range=pack.manifest.std_range)
-        assert torch.allclose(alone.images[0], together.images[i], atol=1e-4)
-    # A different seed changes the result.
-    other = replace(batch, seeds=[99, 98, 97])
-    moved = sample(pack.prior, diffusion, other, cfg, dgsa=pack.dgsa, std_range=pack.manifest.std_range)
-    assert not torch.allclose(moved.images, together.images, atol=1e-3)
 
 
 def test_per_sample_start_steps_and_progress(pack: LoadedPack) -> None:
@@ -123,3 +109,130 @@ def test_bad_batch_raises(pack: LoadedPack) -> None:
         sample(pack.prior, Diffusion.create("ddim25"), replace(batch, seeds=[1]), SamplerConfig())
     with pytest.raises(ValueError):
         SamplerConfig(mode="bogus")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------- built for the GPU
+
+
+def _one(batch: SampleBatch, i: int) -> SampleBatch:
+    """Face i of the batch alone."""
+    return SampleBatch(
+        init=batch.init[i : i + 1],
+        t_start=batch.t_start[i : i + 1],
+        eta=batch.eta[i : i + 1],
+        seeds=[batch.seeds[i]],
+        targets=batch.targets.select(torch.tensor([i])),
+    )
+
+
+def _mixed_batch(pack: LoadedPack, n: int = 5) -> SampleBatch:
+    """Unsorted per-face starts and etas, levels starting at different steps: every path of the loop."""
+    batch = _batch(pack, n=n, seed=4)
+    t_start = torch.tensor([200, 900, 520, 700, 300][:n])
+    t_starts = torch.stack([t_start, t_start - 60, t_start - 120], dim=1)
+    return replace(
+        batch,
+        t_start=t_start,
+        eta=torch.linspace(0.0, 1.0, n),
+        targets=replace(batch.targets, t_starts=t_starts),
+    )
+
+
+@pytest.mark.parametrize("mode", ["dps", "closed_form", "none"])
+def test_bit_for_bit_the_plain_loop(pack: LoadedPack, mode: str) -> None:
+    """The GPU-ready loop computes exactly what the plain one (benchmarks/sampler_before.py) does."""
+    diffusion = Diffusion.create("ddim10")
+    batch = _mixed_batch(pack)
+    cfg = SamplerConfig(mode=mode, respacing="ddim10", guidance_scale=5.0, kernel_step=0.5)
+    kwargs = {"dgsa": pack.dgsa, "std_range": pack.manifest.std_range}
+    new, old = (
+        sample(pack.prior, diffusion, batch, cfg, **kwargs),
+        sample_before(pack.prior, diffusion, batch, cfg, **kwargs),
+    )
+    assert torch.equal(new.images, old.images)
+    assert torch.equal(new.stds_final, old.stds_final) and torch.equal(new.final_residual, old.final_residual)
+    assert torch.equal(new.n_steps, old.n_steps)
+    np.testing.assert_array_equal(new.residual_history, old.residual_history)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kernel_update", "most"), [("dps", True, 1), ("dps", False, 0), ("closed_form", False, 0)]
+)
+def test_a_step_reads_the_device_at_most_once(
+    pack: LoadedPack, mode: str, kernel_update: bool, most: int
+) -> None:
+    """Once per step to refresh the host copy of the kernel stds after their update; never without it."""
+    batch = _mixed_batch(pack)
+    cfg = SamplerConfig(mode=mode, respacing="ddim10", kernel_update=kernel_update)
+    per_step: list[int] = []
+    with HostReadCounter() as reads:
+
+        def step_done(_info: StepInfo) -> None:
+            per_step.append(reads.count - sum(per_step))
+
+        out = sample(pack.prior, Diffusion.create("ddim10"), batch, cfg, dgsa=pack.dgsa, progress=step_done)
+    # per_step[0] also counts the run's setup (start steps, etas, the stds' first host copy).
+    assert len(per_step) == int(out.n_steps.max()) and max(per_step[1:]) == most
+
+
+def test_face_noise_is_each_faces_own_stream() -> None:
+    together = FaceNoise([7, 8, 9], (3, 4, 4), torch.device("cpu"))
+    alone = FaceNoise([8], (3, 4, 4), torch.device("cpu"))
+    first, second = together.draw(3).clone(), together.draw(2).clone()
+    g = torch.Generator().manual_seed(8)
+    assert torch.equal(first[1], torch.randn((3, 4, 4), generator=g))
+    assert torch.equal(second[1], torch.randn((3, 4, 4), generator=g))
+    assert torch.equal(alone.draw(1)[0], first[1]) and torch.equal(alone.draw(1)[0], second[1])
+
+
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().astype(int)
+
+
+def test_same_seeds_give_the_same_faces_alone_and_batched(pack: LoadedPack) -> None:
+    """Faces with their own start steps, stds and etas, sampled together and one by one: the same faces
+    (the blur's kernel size follows the batch's largest std, which may move a pixel by one level)."""
+    diffusion = Diffusion.create("ddim10")
+    batch = _mixed_batch(pack)
+    cfg = SamplerConfig(respacing="ddim10", guidance_scale=5.0, kernel_step=0.5)
+    kw = {"dgsa": pack.dgsa, "std_range": pack.manifest.std_range}
+    together = sample(pack.prior, diffusion, batch, cfg, **kw)
+    for i in range(len(batch.seeds)):
+        one = sample(pack.prior, diffusion, _one(batch, i), cfg, **kw)
+        diff = np.abs(_uint8(one.images[0]) - _uint8(together.images[i]))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+        torch.testing.assert_close(one.stds_final[0], together.stds_final[i], rtol=1e-3, atol=1e-5)
+    moved = sample(pack.prior, diffusion, replace(batch, seeds=[s + 1 for s in batch.seeds]), cfg, **kw)
+    assert all(np.abs(_uint8(a) - _uint8(b)).max() > 1 for a, b in zip(moved.images, together.images))
+
+
+def test_a_face_restores_the_same_alone_and_in_a_batch(tmp_path) -> None:
+    """Through the Restorer: each face's seed comes from its pixels, so batching does not move it."""
+    uri = write_random_pack(str(tmp_path / "pack"), resolution=RES, seed=5)
+    restorer = Restorer.from_pack(uri, overrides={"respacing": "ddim10", "batch_size": 3}, device="cpu")
+    rng = np.random.default_rng(2)
+    faces = [rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for _ in range(3)]
+    together = restorer.restore(faces)
+    for face, res in zip(faces, together, strict=True):
+        alone = restorer.restore([face])[0]
+        assert alone.seed == res.seed
+        assert np.abs(alone.image.astype(int) - res.image.astype(int)).max() <= 1
+    other = restorer.restore(faces, seeds=[1, 2, 3])
+    assert all(np.abs(a.image.astype(int) - b.image.astype(int)).max() > 1 for a, b in zip(other, together))
+
+
+def test_fp16_with_dps_is_refused(pack: LoadedPack) -> None:
+    batch = replace(_batch(pack, n=1), t_start=torch.tensor([80]))
+    with pytest.raises(ValueError, match="fp16"):
+        sample(pack.prior, Diffusion.create("ddim25"), batch, SamplerConfig(precision="fp16"))
+    sample(pack.prior, Diffusion.create("ddim25"), batch, SamplerConfig(mode="closed_form", precision="fp16"))
+
+
+def test_invalid_kernel_stds_are_refused(pack: LoadedPack) -> None:
+    """The host decides the blur's kernel size, so it also checks the stds the blur would have checked."""
+    batch = _batch(pack, n=2)
+    bad = replace(
+        batch, targets=replace(batch.targets, stds=batch.targets.stds * torch.tensor([[1.0], [0.0]]))
+    )
+    with pytest.raises(ValueError, match="std must be finite and > 0"):
+        sample(pack.prior, Diffusion.create("ddim10"), bad, SamplerConfig(respacing="ddim10"))

@@ -1,4 +1,4 @@
-"""SwinIR against the DifFace golden vectors (../shared/golden/README.md §2.2, §2.4, §3, §7, §8)."""
+"""SwinIR against the golden vectors of tests/golden (shared golden README §2.2, §2.4, §3, §7, §8)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _golden import TIER_A, TIER_B, assert_close_tier, fill_by_rule, load_manifest, rule_weight
+from _golden import (
+    TIER_A,
+    TIER_B,
+    assert_close_tier,
+    fill_by_rule,
+    load_expected,
+    load_manifest,
+    rule_weight,
+)
 
 from dynface.checkpoints import SWINIR_BUFFER_SUFFIXES, drop_swinir_buffers, load_state_dict
 from dynface.models.swinir import (
@@ -32,7 +40,7 @@ def _forward(model: SwinIR, x: torch.Tensor) -> np.ndarray:
 
 def _case(golden_dir: Path, case: str) -> tuple[torch.Tensor, np.ndarray]:
     x = torch.from_numpy(np.load(golden_dir / f"{case}_x.npy"))
-    return x, np.load(golden_dir / f"{case}_expected_f64.npy")
+    return x, load_expected(golden_dir, case)
 
 
 @pytest.fixture(scope="module")

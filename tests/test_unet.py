@@ -141,9 +141,27 @@ def test_attention_matches_numpy(legacy: bool) -> None:
     qkv = torch.randn(2, 3 * 2 * 4, 5, generator=g, dtype=torch.float64)
     expected = _np_attention(qkv.numpy(), 2, legacy)
     np.testing.assert_allclose(qkv_attention(qkv, 2, legacy=legacy).numpy(), expected, atol=1e-13)
-    low = qkv_attention(qkv.bfloat16(), 2, legacy=legacy)  # explicit path, float32 softmax
+    low = qkv_attention(qkv.bfloat16(), 2, legacy=legacy)  # SDPA keeps the softmax in float32
     assert low.dtype == torch.bfloat16
     np.testing.assert_allclose(low.double().numpy(), expected, atol=0.08)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_gives_sdpa_the_fused_kernels_layout(monkeypatch, dtype: torch.dtype) -> None:
+    """4-D (batch, heads, tokens, channels) with unit-stride channels in every precision: what the fused
+    SDPA kernels take (3-D or strided inputs fall back to the unfused math path)."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append([(t.dim(), t.stride(-1), t.dtype) for t in (q, k, v)])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    qkv = torch.randn(2, 3 * 2 * 4, 5).to(dtype)
+    for legacy in (True, False):
+        assert qkv_attention(qkv, 2, legacy=legacy).shape == (2, 8, 5)
+    assert seen == [[(4, 1, dtype)] * 3] * 2
 
 
 def test_groupnorm_precision() -> None:

@@ -1,4 +1,4 @@
-"""Golden tests of the DifFace UNet against ../shared/golden (README sections 2, 3, 5, 7 and 8)."""
+"""Golden tests of the DifFace UNet against tests/golden (shared golden README sections 2, 3, 5, 7 and 8)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _golden import TIER_A, TIER_B, assert_close_tier, fill_by_rule, load_manifest, rule_weight
+from _golden import (
+    TIER_A,
+    TIER_B,
+    assert_close_tier,
+    fill_by_rule,
+    load_expected,
+    load_manifest,
+    rule_weight,
+)
 
 from dynface.checkpoints import load_state_dict
 from dynface.models.unet import DifFaceUNet, build_unet, timestep_sinusoid
@@ -24,7 +32,7 @@ def _config(golden_dir: Path, case: str) -> dict:
 def _case(golden_dir: Path, case: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     x = torch.from_numpy(np.load(golden_dir / f"{case}_x.npy"))
     t = torch.from_numpy(np.load(golden_dir / f"{case}_t.npy"))
-    return x, t, np.load(golden_dir / f"{case}_expected_f64.npy")
+    return x, t, load_expected(golden_dir, case)
 
 
 def _unet_input(shape: tuple[int, ...]) -> np.ndarray:

@@ -11,10 +11,15 @@ reflect padding (edge not repeated, like cv2 BORDER_REFLECT_101 / numpy `mode="r
 
 Everything is differentiable in x and in std (the sampler refines std by gradient, spec §2.3 item 5 and
 §3.12). Per-sample stds use grouped convolutions / broadcast spectra, never a loop over the batch.
+
+Choosing the kernel size from the stds and checking them reads the stds back to the host. A caller that
+has decided the size and checked the stds on the host itself (the sampler, to keep a GPU step free of
+waits) passes `size=` and `validate=False`: then nothing here reads the device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -40,10 +45,11 @@ def kernel_size_for_std(std: float, truncate: float = 3.0) -> int:
     return max(3, 2 * math.ceil(truncate * std) + 1)
 
 
-def gaussian_kernel1d(std: Tensor, size: int) -> Tensor:
+def gaussian_kernel1d(std: Tensor, size: int, *, validate: bool = True) -> Tensor:
     """Normalised sampled Gaussians: std (B,) -> (B, size), each row sums to 1; differentiable in std.
 
     Taps sit at integer offsets -(size-1)/2 … (size-1)/2, so every row is exactly symmetric.
+    `validate=False` skips the check std > 0 (a read of the device).
     """
     if size < 1 or size % 2 == 0:
         raise ValueError(f"kernel size must be odd and >= 1, got {size}")
@@ -51,7 +57,7 @@ def gaussian_kernel1d(std: Tensor, size: int) -> Tensor:
         raise ValueError(f"std must have shape (B,), got {tuple(std.shape)}")
     if not std.is_floating_point():
         raise ValueError("std must be a floating-point tensor")
-    if not bool(torch.all(std > 0)):
+    if validate and not bool(torch.all(std > 0)):
         raise ValueError("std must be > 0")
     offsets = torch.arange(size, dtype=std.dtype, device=std.device) - (size - 1) / 2
     logits = -0.5 * (offsets[None, :] / std[:, None]) ** 2
@@ -71,8 +77,10 @@ def gaussian_transfer_sq(std: float | np.ndarray, freq: np.ndarray) -> np.ndarra
     return np.exp(-4.0 * np.pi**2 * np.multiply.outer(std_arr**2, freq_arr**2))
 
 
+@functools.lru_cache(maxsize=256)
 def _pad_index(n: int, r: int, padding: str, device: torch.device) -> Tensor:
-    """Source index of each of the n+2r padded positions (LongTensor (n+2r,))."""
+    """Source index of each of the n+2r padded positions (LongTensor (n+2r,)); cached: a sampler asks for
+    the same few maps at every step."""
     pos = torch.arange(-r, n + r, device=device)
     if padding == "replicate":
         return pos.clamp(0, n - 1)
@@ -87,9 +95,17 @@ def _pad_index(n: int, r: int, padding: str, device: torch.device) -> Tensor:
 
 
 def _prepare(
-    x: Tensor, std: Tensor | float, size: int | None, truncate: float, padding: str, method: str
+    x: Tensor,
+    std: Tensor | float,
+    size: int | None,
+    truncate: float,
+    padding: str,
+    method: str,
+    validate: bool,
 ) -> tuple[Tensor, int]:
-    """Validate arguments; return per-sample stds (B,) in x's dtype/device and the odd kernel size."""
+    """Validate arguments; return per-sample stds (B,) in x's dtype/device and the odd kernel size.
+
+    validate=False (only with an explicit size) skips the checks that read the stds back to the host."""
     if x.ndim != 4:
         raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -107,18 +123,20 @@ def _prepare(
             raise ValueError(f"std must be a scalar or have shape ({batch},), got {tuple(stds.shape)}")
     else:
         stds = torch.full((batch,), float(std), dtype=x.dtype, device=x.device)
-    if not bool(torch.all(torch.isfinite(stds) & (stds > 0))):
+    if validate and not bool(torch.all(torch.isfinite(stds) & (stds > 0))):
         raise ValueError("std must be finite and > 0")
     if size is None:
+        if not validate:
+            raise ValueError("validate=False needs an explicit kernel size")
         size = kernel_size_for_std(float(stds.detach().max()), truncate)
     elif size < 1 or size % 2 == 0:
         raise ValueError(f"kernel size must be odd and >= 1, got {size}")
     return stds, size
 
 
-def _kernels(x: Tensor, stds: Tensor, size: int) -> Tensor:
+def _kernels(x: Tensor, stds: Tensor, size: int, validate: bool) -> Tensor:
     """One 1-D kernel per (sample, channel): (B*C, size)."""
-    return gaussian_kernel1d(stds, size).repeat_interleave(x.shape[1], dim=0)
+    return gaussian_kernel1d(stds, size, validate=validate).repeat_interleave(x.shape[1], dim=0)
 
 
 def _correlate(z: Tensor, kernels: Tensor, dim: int) -> Tensor:
@@ -151,18 +169,19 @@ def gaussian_blur(
     truncate: float = 3.0,
     padding: Padding = "reflect",
     method: Method = "separable",
+    validate: bool = True,
 ) -> Tensor:
     """K_std x for x (B, C, H, W) -> (B, C, H, W); std a scalar or (B,) per-sample (> 0).
 
     `size` defaults to kernel_size_for_std(max std, truncate), one size for the whole batch (smaller stds
     just get longer, near-zero tails). `method="fft"` pads the same way and does a circular convolution
     on the padded grid with rFFT, then crops: it equals the separable result up to rounding.
-    Differentiable in x and std.
+    Differentiable in x and std. `validate=False` with an explicit `size`: no read of the device.
     """
-    stds, size = _prepare(x, std, size, truncate, padding, method)
+    stds, size = _prepare(x, std, size, truncate, padding, method, validate)
     b, c, h, w = x.shape
     r = size // 2
-    kernels = _kernels(x, stds, size)
+    kernels = _kernels(x, stds, size, validate)
     idx_h = _pad_index(h, r, padding, x.device)
     idx_w = _pad_index(w, r, padding, x.device)
     z = x.reshape(1, b * c, h, w)
@@ -185,6 +204,7 @@ def gaussian_blur_adjoint(
     truncate: float = 3.0,
     padding: Padding = "reflect",
     method: Method = "separable",
+    validate: bool = True,
 ) -> Tensor:
     """K_stdᵀ y for y (B, C, H, W) -> (B, C, H, W), the exact transpose of `gaussian_blur` with the same
     arguments: ⟨K x, y⟩ = ⟨x, Kᵀ y⟩.
@@ -192,10 +212,10 @@ def gaussian_blur_adjoint(
     Full correlation of the zero-extended y on the padded grid, then the padded border is folded back
     onto the pixels it was read from. Equals the blur itself only for circular padding.
     """
-    stds, size = _prepare(y, std, size, truncate, padding, method)
+    stds, size = _prepare(y, std, size, truncate, padding, method, validate)
     b, c, h, w = y.shape
     r = size // 2
-    kernels = _kernels(y, stds, size)
+    kernels = _kernels(y, stds, size, validate)
     idx_h = _pad_index(h, r, padding, y.device)
     idx_w = _pad_index(w, r, padding, y.device)
     z = y.reshape(1, b * c, h, w)

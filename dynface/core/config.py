@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from dynface.core.sampler import SamplerConfig
+from dynface.core.speed import SpeedOptions
 
 Method = Literal["full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only"]
 METHODS: tuple[str, ...] = ("full", "dblm_dsst_dgsa", "dblm_dsst", "dblm", "difface", "rm_only")
@@ -39,12 +40,22 @@ class RestoreConfig:
     rm_flip_ensemble: bool = False
     batch_size: int = 8  # 0: the largest batch whose measured peak memory fits (CUDA; 8 on CPU)
     seed: int = 12345
+    # How the prior runs (dynface.core.speed; README, "Performance"): not what it computes.
+    compile_mode: str | None = None  # torch.compile mode, None: eager
+    channels_last: bool = False
+    cudnn_benchmark: bool = True  # CUDA: autotune convolution algorithms
+    tf32: bool = False  # CUDA: TF32 convolutions/matmuls in fp32 (~1e-3 relative per layer)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.batch_size < 0:
             raise ValueError("batch_size must be >= 0 (0 = automatic)")
+        self.speed  # noqa: B018 - validates the speed options
+
+    @property
+    def speed(self) -> SpeedOptions:
+        return SpeedOptions(self.compile_mode, self.channels_last, self.cudnn_benchmark, self.tf32)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RestoreConfig:

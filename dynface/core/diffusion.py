@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Diffusion", "StepOutput", "linear_betas", "space_timesteps"]
+__all__ = ["DDIMSchedule", "Diffusion", "StepOutput", "linear_betas", "space_timesteps"]
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -106,6 +106,41 @@ class StepOutput:
     prev_sample: Tensor
     pred_xstart: Tensor
     eps: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class DDIMSchedule:
+    """The coefficients of one guided DDIM run, built once so that no step reads the device.
+
+    Per-step scalars (index k on the spaced grid) live on the host as numpy arrays already rounded to
+    the state's dtype, and enter the arithmetic as Python numbers; coefficients that depend on each
+    sample's η are (B, K) tensors on the device, rows in the sampler's order. The values are bit for bit
+    those `Diffusion.predict_xstart` / `ddim_step` gather for the same index and η
+    (tests/test_diffusion.py), so a step computes exactly what those methods compute.
+    """
+
+    timesteps: np.ndarray  # (K,) original timesteps fed to the network
+    sqrt_recip_alphas_cumprod: np.ndarray  # (K,)
+    sqrt_recipm1_alphas_cumprod: np.ndarray  # (K,)
+    sqrt_alphas_cumprod_prev: np.ndarray  # (K,)
+    sqrt_alphas_cumprod: np.ndarray  # (K,)
+    dir_coef: Tensor  # (B, K) √(1 − ᾱ_prev − σ²)
+    noise_coef: Tensor  # (B, K) σ, 0 at k = 0
+
+    def predict_xstart(self, x_t: Tensor, k: int, eps: Tensor, *, clip: bool = True) -> Tensor:
+        """x̂0 at step k for every row of x_t (the same k for all)."""
+        x0 = float(self.sqrt_recip_alphas_cumprod[k]) * x_t - float(self.sqrt_recipm1_alphas_cumprod[k]) * eps
+        return x0.clamp(-1.0, 1.0) if clip else x0
+
+    def step(self, x0: Tensor, eps: Tensor, noise: Tensor, k: int) -> Tensor:
+        """The DDIM step from k for rows 0..n−1 (n = len(x0)): √ᾱ_prev·x̂0 + dir·ε̂ + σ·z."""
+        n = x0.shape[0]
+        shape = (n, *([1] * (x0.ndim - 1)))
+        return (
+            float(self.sqrt_alphas_cumprod_prev[k]) * x0
+            + self.dir_coef[:n, k].view(shape) * eps
+            + self.noise_coef[:n, k].view(shape) * noise
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -336,22 +371,55 @@ class Diffusion:
         if np.any(eta_np < 0):
             raise ValueError("eta must be >= 0")
         pred_xstart = self.predict_xstart(x_t, index, eps, clip=clip)
+        sqrt_ab_prev, dir_coef, noise_coef = self._ddim_coefficients(idx, eta_np)
+        prev = (
+            self._gather(sqrt_ab_prev, x_t) * pred_xstart
+            + self._gather(dir_coef, x_t) * eps
+            + self._gather(noise_coef, x_t) * noise
+        )
+        return StepOutput(prev_sample=prev, pred_xstart=pred_xstart, eps=eps)
+
+    def _ddim_coefficients(self, idx: np.ndarray, eta: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """(√ᾱ_prev, √(1 − ᾱ_prev − σ²), σ·[k > 0]) for broadcastable spaced indices and η, on the CPU in the
+        coefficient dtype. Elementwise, so a (B, K) table holds bit for bit what B×K single steps get."""
         # Coefficient math on CPU in torch (not numpy): torch's float32 sqrt rounds differently from
         # numpy's, and the float32 mode must reproduce the reference's torch arithmetic bit for bit.
         cdt = getattr(torch, self.coefficient_dtype)
-        eta_c = torch.from_numpy(eta_np).to(cdt)
+        eta_c = torch.from_numpy(np.asarray(eta, dtype=np.float64)).to(cdt)
         ab = torch.from_numpy(self.alphas_cumprod[idx]).to(cdt)
         ab_prev = torch.from_numpy(self.alphas_cumprod_prev[idx]).to(cdt)
         sigma = eta_c * torch.sqrt((1.0 - ab_prev) / (1.0 - ab)) * torch.sqrt(1.0 - ab / ab_prev)
         # 1 − ᾱ_prev − σ² >= 0 exactly for η <= 1; clamp the rounding (and η > 1) instead of a NaN.
         dir_coef = torch.sqrt((1.0 - ab_prev - sigma**2).clamp(min=0.0))
-        nonzero = torch.from_numpy(idx != 0).to(cdt)
-        prev = (
-            self._gather(torch.sqrt(ab_prev), x_t) * pred_xstart
-            + self._gather(dir_coef, x_t) * eps
-            + self._gather(nonzero * sigma, x_t) * noise
+        nonzero = torch.from_numpy(np.asarray(idx) != 0).to(cdt)
+        return torch.sqrt(ab_prev), dir_coef, nonzero * sigma
+
+    def ddim_schedule(self, eta: np.ndarray, *, device: torch.device, dtype: torch.dtype) -> DDIMSchedule:
+        """Every coefficient of a guided DDIM run over the whole grid, built once (see `DDIMSchedule`).
+
+        eta (B,) per sample; the state is of `dtype` on `device`."""
+        eta = np.asarray(eta, dtype=np.float64).reshape(-1)
+        if np.any(eta < 0):
+            raise ValueError("eta must be >= 0")
+        steps = np.arange(self.num_steps)
+        sqrt_ab_prev, dir_coef, noise_coef = self._ddim_coefficients(steps[None, :], eta[:, None])
+
+        def host(values: np.ndarray | Tensor) -> np.ndarray:
+            # The values `_gather` would give: rounded to the coefficient dtype, then to the state's.
+            if not isinstance(values, Tensor):
+                values = torch.from_numpy(np.asarray(values, dtype=self.coefficient_dtype))
+            return values.to(dtype).numpy()
+
+        return DDIMSchedule(
+            timesteps=self.timestep_map.copy(),
+            sqrt_recip_alphas_cumprod=host(self.sqrt_recip_alphas_cumprod),
+            sqrt_recipm1_alphas_cumprod=host(self.sqrt_recipm1_alphas_cumprod),
+            sqrt_alphas_cumprod_prev=host(sqrt_ab_prev[0]),
+            # The closed-form gradient divides by the float64 table cast to the state's dtype.
+            sqrt_alphas_cumprod=torch.from_numpy(self.sqrt_alphas_cumprod).to(dtype).numpy(),
+            dir_coef=dir_coef.to(dtype).to(device),
+            noise_coef=noise_coef.to(dtype).to(device),
         )
-        return StepOutput(prev_sample=prev, pred_xstart=pred_xstart, eps=eps)
 
     # ----------------------------------------------------------------------------------- training
 

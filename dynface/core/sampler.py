@@ -3,6 +3,15 @@
 Every sample carries its own start step, DDIM η, guidance levels and random stream, so a face
 restores the same alone or in a batch (up to float rounding of batched kernels). At each global
 step only the samples that have started run through the prior.
+
+Built for a GPU: the batch is ordered once by start step, latest first, so the faces running at a step
+are always the first n rows and every per-step tensor is a view, never a gather; each face draws its
+noise from its own generator on the device; every coefficient is tabled once per run
+(`Diffusion.ddim_schedule`); and the blur's kernel sizes are decided on the host from a host copy of
+the kernel stds. A step therefore reads the device at most once: to refresh that copy after a
+kernel-std update, and then only after the next step's prior has been queued (none without the
+update). On the CPU the results are bit for bit those of the straightforward loop
+(`benchmarks/sampler_before.py`).
 """
 
 from __future__ import annotations
@@ -16,15 +25,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynface.core.diffusion import Diffusion, space_timesteps
+from dynface.core.blur import kernel_size_for_std
+from dynface.core.diffusion import DDIMSchedule, Diffusion, space_timesteps
 from dynface.core.guidance import (
     GuidanceTargets,
     LossNorm,
-    closed_form_gradient,
-    guidance_loss,
+    gradient_from_residuals,
     kernel_std_step,
     level_norms,
     residuals,
+    weighted_loss,
 )
 
 GuidanceMode = Literal["dps", "closed_form", "none"]
@@ -35,7 +45,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class SamplerConfig:
     """Knobs of the sampling loop. Defaults are the spec's [choice] values."""
 
-    mode: GuidanceMode = "dps"
+    mode: GuidanceMode = "dps"  # fp16 precision is refused with dps: its gradients underflow
     respacing: str = "ddim250"
     guidance_scale: float = 1.0  # ζ of spec §3.5
     loss_norm: LossNorm = "l2"  # [choice] unsquared DPS norm; "l2_squared" as alternative
@@ -94,8 +104,58 @@ def _autocast(device: torch.device, precision: Precision) -> contextlib.Abstract
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _noise(generators: Sequence[torch.Generator], rows: Sequence[int], shape: tuple[int, ...]) -> Tensor:
-    return torch.stack([torch.randn(shape, generator=generators[r], dtype=torch.float32) for r in rows])
+class FaceNoise:
+    """One generator per face on the device, each seeded by its face's seed: a face draws the same
+    noise alone or in any batch. `draw(n)` gives the next (n, *shape) draw of faces 0..n−1 (on the CPU
+    the stream of `torch.randn(shape, generator=torch.Generator().manual_seed(seed))`)."""
+
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...], device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.shape = shape
+        # Reused every step: a draw is consumed by the step that made it, before the next draw.
+        self.buffer = torch.empty((len(seeds), *shape), dtype=torch.float32, device=device)
+
+    def draw(self, n: int) -> Tensor:
+        for i in range(n):
+            torch.randn(self.shape, generator=self.generators[i], out=self.buffer[i])
+        return self.buffer[:n]
+
+
+class HostStds:
+    """A host copy of the kernel stds (B, L), from which the blur's kernel sizes are decided.
+
+    `refresh` queues the copy after an update (asynchronous on CUDA, into pinned memory); `values`
+    waits for it only when read, i.e. after the next step's prior has been queued, so the GPU never
+    idles on it. Invalid stds raise here, as the blur would."""
+
+    def __init__(self, stds: Tensor, truncate: float = 3.0) -> None:
+        self.truncate = truncate
+        self.cuda = stds.device.type == "cuda"
+        self._buffer = torch.empty(stds.shape, dtype=stds.dtype, pin_memory=self.cuda)
+        self._event = torch.cuda.Event() if self.cuda else None
+        self._values: np.ndarray | None = None
+        self.refresh(stds)
+
+    def refresh(self, stds: Tensor) -> None:
+        self._buffer.copy_(stds.detach(), non_blocking=self.cuda)
+        if self._event is not None:
+            self._event.record()
+        self._values = None
+
+    def values(self) -> np.ndarray:
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()
+            values = self._buffer.numpy().copy()
+            if not np.all(np.isfinite(values) & (values > 0)):
+                raise ValueError("std must be finite and > 0")
+            self._values = values
+        return self._values
+
+    def kernel_size(self, n: int, *, main_only: bool = False) -> int:
+        """The blur's size for rows 0..n−1, all levels (or level 0): as `gaussian_blur` picks it."""
+        values = self.values()[:n, :1] if main_only else self.values()[:n]
+        return kernel_size_for_std(float(values.max()), self.truncate)
 
 
 def start_indices(diffusion: Diffusion, t_start: Tensor, *, quirk: bool) -> tuple[Tensor, Tensor]:
@@ -107,7 +167,9 @@ def start_indices(diffusion: Diffusion, t_start: Tensor, *, quirk: bool) -> tupl
     return noise_idx, first
 
 
-def rms_residual(x0: Tensor, targets: GuidanceTargets, stds: Tensor | None = None) -> Tensor:
+def rms_residual(
+    x0: Tensor, targets: GuidanceTargets, stds: Tensor | None = None, *, size: int | None = None
+) -> Tensor:
     """Per-sample RMS residual of the main level (level 0), (B,)."""
     main = GuidanceTargets(
         targets.targets[:, :1],
@@ -116,8 +178,47 @@ def rms_residual(x0: Tensor, targets: GuidanceTargets, stds: Tensor | None = Non
         targets.valid[:, :1],
         targets.weights[:, :1],
     )
-    res = residuals(x0, main)
-    return level_norms(res)[:, 0] / res[0, 0].numel() ** 0.5
+    return _rms(level_norms(residuals(x0, main, size=size))[:, 0], x0)
+
+
+def _rms(norms: Tensor, x0: Tensor) -> Tensor:
+    return norms / x0[0].numel() ** 0.5
+
+
+def _first_rows(targets: GuidanceTargets, stds: Tensor, n: int) -> GuidanceTargets:
+    """The targets of rows 0..n−1 with the current stds, as views."""
+    if n == targets.stds.shape[0]:
+        return replace(targets, stds=stds)
+    return GuidanceTargets(
+        targets.targets[:n], stds[:n], targets.t_starts[:n], targets.valid[:n], targets.weights[:n]
+    )
+
+
+@dataclass(frozen=True)
+class _Order:
+    """The batch ordered by first denoised index, latest first: the faces running at index k are rows
+    0..active(k)−1. `rows` maps a sorted position to the caller's row."""
+
+    rows: np.ndarray  # (B,) caller's row of each sorted position
+    first: np.ndarray  # (B,) first index denoised, sorted (descending)
+
+    @classmethod
+    def of(cls, first_idx: np.ndarray) -> _Order:
+        rows = np.argsort(-first_idx, kind="stable")
+        return cls(rows=rows, first=first_idx[rows])
+
+    @property
+    def identity(self) -> bool:
+        return bool(np.all(self.rows == np.arange(len(self.rows))))
+
+    def active(self, k: int) -> int:
+        return int(np.count_nonzero(self.first >= k))
+
+    def to_sorted(self, x: Tensor) -> Tensor:
+        return x if self.identity else x[torch.from_numpy(self.rows).to(x.device)]
+
+    def to_caller(self, x: Tensor) -> Tensor:
+        return x if self.identity else x[torch.from_numpy(np.argsort(self.rows)).to(x.device)]
 
 
 def sample(
@@ -135,81 +236,116 @@ def sample(
     if len(batch.seeds) != b or batch.t_start.shape != (b,) or batch.eta.shape != (b,):
         raise ValueError("seeds, t_start and eta must have one entry per sample")
     guided = config.mode != "none" and batch.targets is not None and config.guidance_scale > 0
-    targets = batch.targets
-    generators = [torch.Generator().manual_seed(int(s)) for s in batch.seeds]
-    shape = tuple(batch.init.shape[1:])
-
+    if guided and config.mode == "dps" and config.precision == "fp16":
+        raise ValueError(
+            "fp16 with dps guidance: its gradients (~1e-3) underflow without loss scaling; use bf16"
+        )
     noise_idx, first_idx = start_indices(diffusion, batch.t_start, quirk=config.difface_start_quirk)
-    x = diffusion.q_sample(batch.init, noise_idx.to(device), _noise(generators, range(b), shape).to(device))
+    order = _Order.of(first_idx.numpy())
+    init = order.to_sorted(batch.init)
+    targets = None
+    if batch.targets is not None:
+        targets = (
+            batch.targets if order.identity else batch.targets.select(torch.from_numpy(order.rows).to(device))
+        )
+    schedule = diffusion.ddim_schedule(
+        batch.eta.detach().cpu().numpy()[order.rows], device=device, dtype=init.dtype
+    )
+    shape = tuple(init.shape[1:])
+    noise = FaceNoise([batch.seeds[i] for i in order.rows], shape, device)
+    x = diffusion.q_sample(init, noise_idx[order.rows], noise.draw(b))
     stds = targets.stds.clone() if targets is not None else None
-    top = int(first_idx.max())
-    history = np.full((top + 1, b), np.nan)
-    timesteps = torch.as_tensor(diffusion.timestep_map, device=device)
+    host_stds = HostStds(stds) if stds is not None else None
+    top = int(order.first[0])
+    history = torch.full((top + 1, b), float("nan"), device=device)
 
     for step, k in enumerate(range(top, -1, -1)):
-        rows = torch.nonzero(first_idx >= k).flatten()
-        rows_l = rows.tolist()
-        rows_d = rows.to(device)
-        index = torch.full((len(rows_l),), k, dtype=torch.long, device=device)
-        t = timesteps[index]
-        x_t = x[rows_d]
-        tg = None
-        if targets is not None:
-            assert stds is not None
-            tg = replace(targets.select(rows_d), stds=stds[rows_d])
-
-        grad = None
-        if guided and config.mode == "dps":
-            with torch.enable_grad():
-                x_in = x_t.detach().requires_grad_(True)
-                with _autocast(device, config.precision):
-                    out = prior(x_in, t)
-                out = out.float()
-                eps = out[:, :3]
-                x0 = diffusion.predict_xstart(x_in, index, eps, clip=config.clip_denoised)
-                loss = guidance_loss(x0, tg, t, norm=config.loss_norm)
-                (grad,) = torch.autograd.grad(loss.sum(), x_in)
-            out, x0 = out.detach(), x0.detach()
-        else:
-            with torch.no_grad(), _autocast(device, config.precision):
-                out = prior(x_t, t)
-            out = out.float()
-            x0 = diffusion.predict_xstart(x_t, index, out[:, :3], clip=config.clip_denoised)
-            if guided and config.mode == "closed_form":
-                sqrt_ab = torch.as_tensor(diffusion.sqrt_alphas_cumprod, device=device)[index]
-                grad = closed_form_gradient(x0, tg, t, sqrt_ab, norm=config.loss_norm)
-
+        n = order.active(k)
+        x_t = x if n == b else x[:n]
+        t = torch.full((n,), int(schedule.timesteps[k]), dtype=torch.long, device=device)
+        tg = _first_rows(targets, stds, n) if targets is not None else None
+        out, x0, grad, main_norm = _model_step(prior, schedule, x_t, t, k, tg, host_stds, config, guided)
         with torch.no_grad():
-            noise = _noise(generators, rows_l, shape).to(device)
-            x_prev = diffusion.ddim_step(
-                x_t, index, out, noise, eta=batch.eta[rows_d], clip=config.clip_denoised
-            ).prev_sample
+            x_prev = schedule.step(x0, out[:, :3], noise.draw(n), k)
             if grad is not None:
-                scale = torch.ones_like(x_prev[:, :1])
                 if config.use_dgsa and dgsa is not None:
-                    scale = dgsa(tg.targets[:, 0], x0, t).float()
-                x_prev = x_prev - config.guidance_scale * scale * grad
-            x[rows_d] = x_prev.detach()
+                    x_prev = x_prev - config.guidance_scale * dgsa(tg.targets[:, 0], x0, t).float() * grad
+                else:
+                    x_prev = x_prev - config.guidance_scale * grad
+            if n == b:
+                x = x_prev.detach()
+            else:
+                x[:n] = x_prev
         if tg is not None:
             if guided and config.kernel_update:
                 with torch.enable_grad():
-                    stds[rows_d] = kernel_std_step(
-                        x0, tg, t, step_size=config.kernel_step, std_range=std_range
+                    size = host_stds.kernel_size(n)
+                    new = kernel_std_step(
+                        x0, tg, t, step_size=config.kernel_step, std_range=std_range, size=size
                     )
+                if n == b:
+                    stds = new
+                else:
+                    stds[:n] = new
+                host_stds.refresh(stds)
             with torch.no_grad():
-                history[step, rows_l] = rms_residual(x0, tg).cpu().numpy()
+                if main_norm is None:  # unguided: no guidance loss has computed the residuals
+                    rms = rms_residual(x0, tg, size=host_stds.kernel_size(n, main_only=True))
+                else:
+                    rms = _rms(main_norm, x0)
+                history[step, :n] = rms
         if progress is not None:
-            progress(StepInfo(step=step, total=top + 1, timestep=int(t[0]), n_active=len(rows_l)))
+            progress(StepInfo(step=step, total=top + 1, timestep=int(schedule.timesteps[k]), n_active=n))
 
     images = x.clamp(-1, 1)
     final = None
     if targets is not None:
         with torch.no_grad():
-            final = rms_residual(images, replace(targets, stds=stds))
+            size = host_stds.kernel_size(b, main_only=True)
+            final = order.to_caller(rms_residual(images, replace(targets, stds=stds), size=size))
     return SampleOutput(
-        images=images,
-        stds_final=stds,
+        images=order.to_caller(images),
+        stds_final=order.to_caller(stds) if stds is not None else None,
         n_steps=(first_idx + 1).to(torch.long),
-        residual_history=history,
+        residual_history=order.to_caller(history.T).T.cpu().numpy().astype(np.float64),
         final_residual=final,
     )
+
+
+def _model_step(
+    prior: nn.Module,
+    schedule: DDIMSchedule,
+    x_t: Tensor,
+    t: Tensor,
+    k: int,
+    tg: GuidanceTargets | None,
+    host_stds: HostStds | None,
+    config: SamplerConfig,
+    guided: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The prior at step k and the guidance gradient: (model output, x̂0, ∇ or None, main-level norm or
+    None). The prior is queued before the host copy of the stds is read for the blur's kernel size."""
+    device = x_t.device
+    if guided and config.mode == "dps":
+        with torch.enable_grad():
+            x_in = x_t.detach().requires_grad_(True)
+            with _autocast(device, config.precision):
+                out = prior(x_in, t)
+            out = out.float()
+            x0 = schedule.predict_xstart(x_in, k, out[:, :3], clip=config.clip_denoised)
+            norms = level_norms(residuals(x0, tg, size=host_stds.kernel_size(len(x_t))))
+            loss = weighted_loss(norms, tg, t, norm=config.loss_norm)
+            (grad,) = torch.autograd.grad(loss.sum(), x_in)
+        return out.detach(), x0.detach(), grad, norms[:, 0].detach()
+    with torch.no_grad(), _autocast(device, config.precision):
+        out = prior(x_t, t)
+    out = out.float()
+    x0 = schedule.predict_xstart(x_t, k, out[:, :3], clip=config.clip_denoised)
+    if not (guided and config.mode == "closed_form"):
+        return out, x0, None, None
+    size = host_stds.kernel_size(len(x_t))
+    res = residuals(x0, tg, size=size)
+    norms = level_norms(res)
+    sqrt_ab = float(schedule.sqrt_alphas_cumprod[k])
+    grad = gradient_from_residuals(res, norms, tg, t, sqrt_ab, norm=config.loss_norm, size=size)
+    return out, x0, grad, norms[:, 0]

@@ -215,25 +215,18 @@ class ResBlock(nn.Module):
 def qkv_attention(qkv: Tensor, heads: int, *, legacy: bool) -> Tensor:
     """(B, 3·H·C, T) -> (B, H·C, T) softmax(qᵀk/√C)·v per head.
 
-    legacy: rows are head-major [q_h, k_h, v_h]; otherwise [q (all heads), k, v]. Half/bfloat16
-    inputs take the explicit path with a float32 softmax, as the reference; float32/float64 use SDPA
-    (the same math, fused).
+    legacy: rows are head-major [q_h, k_h, v_h]; otherwise [q (all heads), k, v]. Every precision runs
+    SDPA on 4-D (batch, heads, tokens, channels) tensors with unit-stride channels, the layout its fused
+    kernels take (flash / memory-efficient on CUDA, flash on CPU); they keep the softmax in float32 for
+    half/bfloat16 inputs, as the reference's explicit float32 softmax does.
     """
     b, width, t = qkv.shape
     ch = width // (3 * heads)
-    if legacy:
-        q, k, v = qkv.reshape(b * heads, 3 * ch, t).split(ch, dim=1)
-    else:
-        q, k, v = (z.reshape(b * heads, ch, t) for z in qkv.chunk(3, dim=1))
-    if qkv.dtype in _REDUCED:
-        scale = ch**-0.25  # split between q and k like the reference, to limit overflow in fp16
-        logits = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-        weight = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
-        out = torch.einsum("bts,bcs->bct", weight, v)
-    else:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2)
-    return out.reshape(b, heads * ch, t)
+    tokens = qkv.transpose(1, 2).contiguous()  # (B, T, 3·H·C): channels innermost
+    split = tokens.view(b, t, heads, 3, ch) if legacy else tokens.view(b, t, 3, heads, ch).transpose(2, 3)
+    q, k, v = (split[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, C)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, C)
+    return out.permute(0, 1, 3, 2).reshape(b, heads * ch, t)
 
 
 class AttentionBlock(nn.Module):

@@ -1,0 +1,62 @@
+"""benchmarks/gpu_check.sh --cpu-smoke from a bare copy of the repository (no ../shared beside it, no
+virtual environment in it): the prepared GPU script's plumbing, proven on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynface.paths import REPO_ROOT
+
+STEPS = ("env", "golden", "syncs", "loops", "full", "options", "compile")
+
+
+def bare_copy(dest: Path) -> Path:
+    """What the device tool sends: tracked files and untracked ones git does not ignore."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_from_a_bare_copy(tmp_path: Path) -> None:
+    repo = bare_copy(tmp_path / "repo")
+    assert not (repo / ".venv").exists() and not (tmp_path / "shared").exists()
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DYNFACE_SHARED": str(tmp_path / "none")}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=repo, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    summary = (out / "summary.txt").read_text()
+    assert summary.index("plan (step: time limit)") < summary.index("== env")  # the plan comes first
+    for step in STEPS:
+        assert f"  {step:<8} ok" in summary, log
+    assert f"dynface from {repo}" in summary  # the copy's code, not the checkout's
+    assert "beyond the lent machine's image: none" in summary
+    results = {
+        line["step"]: line for line in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+    }
+    assert set(results) == set(STEPS)
+    assert all(case["passed"] for case in results["golden"].values() if isinstance(case, dict))
+    assert results["syncs"]["full (kernel update)"]["HostReadCounter"] <= 1
+    assert results["syncs"]["no kernel update"]["HostReadCounter"] == 0
+    assert {"reference (plain, fp32)", "ours fp32", "ours bf16"} <= set(results["loops"])
+    assert results["full"]["dps bf16"]["gflop_per_face_step"] > 0
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8  # what the device tool brings back from $OUT
