@@ -33,9 +33,9 @@ def start_ticks(pid: int) -> int | None:
     return int(text[text.rindex(")") + 2 :].split()[19])
 
 
-def marked_processes(mark: str) -> list[int]:
-    """Pids of the processes whose environment holds OWNER_ENV=mark."""
-    needle = f"{OWNER_ENV}={mark}".encode()
+def marked_processes(mark: str, variable: str = OWNER_ENV) -> list[int]:
+    """Pids of the processes whose environment holds `variable`=mark."""
+    needle = f"{variable}={mark}".encode()
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:

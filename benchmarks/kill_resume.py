@@ -33,18 +33,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from make_bad_inputs import synthetic_face  # noqa: E402
 
+from app.cli import OFFLINE_ENV  # noqa: E402
+from app.guardian import marked_processes  # noqa: E402
 from catalogs import Catalog  # noqa: E402
 from dynface.packs.writer import write_random_pack  # noqa: E402
 
 SOAK_ENV = "DYNFACE_SOAK"
-NO_TRAFFIC = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",
-}
 
 
 def make_archive(root: Path, n_images: int, seed: int) -> Path:
@@ -57,18 +51,6 @@ def make_archive(root: Path, n_images: int, seed: int) -> Path:
         face = np.clip(face.astype(int) + int(rng.integers(-20, 21)), 0, 255).astype(np.uint8)
         Image.fromarray(face).save(src / f"face_{k:04d}.png")
     return src
-
-
-def tagged_processes(tag: str) -> list[int]:
-    needle = f"{SOAK_ENV}={tag}".encode()
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if needle in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return found
 
 
 def run_cli(args: list[str], env: dict[str, str], log: Path, kill_after: float | None) -> int:
@@ -102,7 +84,12 @@ def main() -> int:
     dest = root / "out"
     tag = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-    env.update(NO_TRAFFIC, **{SOAK_ENV: tag}, DYNFACE_RAY_HOME=str(root / "ray-home"))
+    env.update(
+        OFFLINE_ENV,
+        PREFECT_LOGGING_LEVEL="WARNING",
+        **{SOAK_ENV: tag},
+        DYNFACE_RAY_HOME=str(root / "ray-home"),
+    )
     cli = [str(Path(sys.executable).parent / "dynface"), "restore", str(src), str(dest), "--aligned"]
     cli += ["--pack", pack, "--option", "respacing=ddim20", "--shard-size", "10", "--wave-shards", "1"]
     rng = random.Random(args.seed)
@@ -136,11 +123,11 @@ def main() -> int:
     print()
     print(f"ok rows per image: mean {np.mean(counts):.2f}, min {min(counts)}, max {max(counts)}")
     print(f"orphan outputs: {len(orphans)}")
-    print(f"leftover processes: {len(tagged_processes(tag))}")
+    print(f"leftover processes: {len(marked_processes(tag, SOAK_ENV))}")
     print(f"work folders left: {len(work)}")
     print(f"runs: {len(set(runs['run_id']))}, closing rows {dict(closing)}")
     good = rc == 0 and min(counts) == max(counts) == 1 and not orphans and not work
-    return 0 if good and not tagged_processes(tag) else 1
+    return 0 if good and not marked_processes(tag, SOAK_ENV) else 1
 
 
 if __name__ == "__main__":

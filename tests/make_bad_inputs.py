@@ -52,6 +52,16 @@ def synthetic_face(size: int = 300) -> np.ndarray:
     return np.asarray(im.filter(ImageFilter.GaussianBlur(2 * u)))
 
 
+def write_aligned_faces(
+    folder: Path, n: int, *, size: int = 48, step: int = 3, name: str = "face{k}.png"
+) -> Path:
+    """`n` aligned crops (the synthetic face shifted by `step` * k pixels) saved as PNG into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        Image.fromarray(np.roll(synthetic_face(size), step * k, axis=1)).save(folder / name.format(k=k))
+    return folder
+
+
 def smooth_image(height: int, width: int, *, seed: int = 0) -> np.ndarray:
     """(H, W, 3) uint8 smooth colour field (low-frequency sinusoids): no edges, no faces."""
     rng = np.random.default_rng(seed)

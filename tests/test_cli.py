@@ -8,9 +8,8 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from make_bad_inputs import synthetic_face
+from make_bad_inputs import synthetic_face, write_aligned_faces
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
@@ -80,10 +79,7 @@ def test_catalog_sql_reports_errors_with_exit_code(tmp_path: Path, capsys: pytes
 def test_restore_then_catalog_sql(
     prefect_api, local_ray, offline_env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    src = tmp_path / "crops"
-    src.mkdir()
-    for k in range(3):
-        Image.fromarray(np.roll(synthetic_face(40), 3 * k, axis=1)).save(src / f"face{k}.png")
+    src = write_aligned_faces(tmp_path / "crops", 3, size=40)
     pack = write_random_pack(str(tmp_path / "pack"), resolution=32)
     dest = tmp_path / "out"
     rc = main(

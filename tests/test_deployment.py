@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from make_bad_inputs import synthetic_face
+from make_bad_inputs import synthetic_face, write_aligned_faces
 from official_fixtures import *  # noqa: F403 - the session fixture official_weights
 from official_fixtures import OPTIONS, check_official_run
 from PIL import Image
@@ -122,10 +121,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """(folder of N_FACES aligned 48-px crops, random 32-px pack manifest)."""
     root = tmp_path_factory.mktemp("archive")
-    src = root / "crops"
-    src.mkdir()
-    for k in range(N_FACES):
-        Image.fromarray(np.roll(synthetic_face(48), 3 * k, axis=1)).save(src / f"face{k}.png")
+    src = write_aligned_faces(root / "crops", N_FACES)
     return src, write_random_pack(str(root / "pack"), resolution=32)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from make_bad_inputs import smooth_image, synthetic_face
+from make_bad_inputs import smooth_image, synthetic_face, write_aligned_faces
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
 
@@ -30,10 +30,7 @@ def ledger(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _sources(root: Path) -> tuple[Path, Path]:
-    aligned = root / "aligned"
-    aligned.mkdir()
-    for k in range(5):
-        Image.fromarray(np.roll(synthetic_face(48), 3 * k, axis=1)).save(aligned / f"f{k}.png")
+    aligned = write_aligned_faces(root / "aligned", 5, name="f{k}.png")
     photos = root / "photos"
     photos.mkdir()
     scene = smooth_image(300, 420, seed=3)

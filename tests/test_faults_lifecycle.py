@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from make_bad_inputs import synthetic_face
-from PIL import Image
+from make_bad_inputs import write_aligned_faces
 
+from app.cli import OFFLINE_ENV
 from app.guardian import OWNER_ENV, marked_processes
 from catalogs import Catalog
 from dynface.packs.writer import write_random_pack
@@ -24,10 +23,7 @@ from dynface.packs.writer import write_random_pack
 pytestmark = pytest.mark.slow
 
 NO_TRAFFIC = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "AWS_EC2_METADATA_DISABLED": "true",
+    **OFFLINE_ENV,
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",
 }
@@ -37,10 +33,7 @@ N_FACES = 12
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("archive")
-    src = root / "src"
-    src.mkdir()
-    for k in range(N_FACES):
-        Image.fromarray(np.roll(synthetic_face(48), 2 * k, axis=1)).save(src / f"f{k:02d}.png")
+    src = write_aligned_faces(root / "src", N_FACES, step=2, name="f{k:02d}.png")
     return src, write_random_pack(str(root / "pack"), resolution=32)
 
 
