@@ -204,6 +204,31 @@ def test_deployment_run_with_weights_dir_uses_the_official_files(
     check_official_run(dest, official_weights, n_images=1)
 
 
+def test_bad_parameters_fail_the_flow_run_before_anything_is_written(service: Service, archive, tmp_path):
+    src, _ = archive
+    dest = tmp_path / "out"
+    for params, message in (
+        (["--param", "pack=nowhere"], "not a built-in pack"),
+        (["--param", "options=" + json.dumps({"respacing": "nonsense"})], "bad respacing 'nonsense'"),
+    ):
+        run = prefect(
+            service, "deployment", "run", "restore-archive/nightly", "--param", f"source={src}",
+            "--param", f"dest={dest}", *params, "--watch", "--watch-timeout", "240", timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 1, run.stdout + run.stderr
+        logs = prefect(service, "flow-run", "logs", _flow_run_id(run.stdout), timeout=60)
+        assert message in logs.stdout, logs.stdout
+    assert not dest.exists()
+
+
+def _flow_run_id(output: str) -> str:
+    import re
+
+    found = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert found, output
+    return found.group(1)
+
+
 def test_stop_ends_every_process(service: Service, archive):
     """Last in the module: stop explicitly (the fixture's finalizer then finds nothing to stop)."""
     stopped = make("stop", service.env, timeout=120)
