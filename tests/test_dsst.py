@@ -311,8 +311,11 @@ def test_real_faces_against_appendix_b(faces_128: list[np.ndarray]) -> None:
     # Scaling P by (512/128)² restores the 512-px signal-to-noise ratio: Appendix B's numbers come back
     # (measured 584, 661, 705, 740, 768, 825, 868, 896, 923 vs 560 … 905).
     at_512 = [start_step_for_std(psd * 16, ALPHAS, s * scale, 0.05) for s in stds]
+    # The largest measured gap is 31 steps (std 12); 35 leaves room for rounding, not for a drift.
     for std, t in zip(stds, at_512, strict=True):
-        assert abs(t - APPENDIX_B_MAX_TOL_005[std]) <= 60, (std, t)
+        assert abs(t - APPENDIX_B_MAX_TOL_005[std]) <= 35, (std, t)
+    # And the measurement itself, on these fixed files, moves by no more than a few steps.
+    assert np.abs(np.array(at_512) - [584, 661, 705, 740, 768, 825, 868, 896, 923]).max() <= 3, at_512
     assert 690 <= at_512[stds.index(4)] and at_512[-1] <= 925  # the paper's [690, 925] band for std 4–15
     # (The mean/scalar statistics average over a frequency range that a 128-px grid does not have, so
     # Appendix B's mean/scalar columns are not reproduced this way and are not asserted here.)

@@ -60,7 +60,15 @@ def test_kernel_std_step_moves_towards_true_std_and_respects_range() -> None:
         torch.ones(1, 1, dtype=torch.bool),
         torch.ones(1, 1, dtype=torch.float64),
     )
-    # The target is x0 blurred by 1.2: a kernel estimate of 2.0 must decrease.
+    # The target is x0 blurred by 1.2: an estimate above it must decrease, one below it must increase,
+    # and a small step brings either closer to 1.2 without overshooting it.
+    for start in (2.0, 0.7):
+        tg_start = GuidanceTargets(tg.targets, torch.tensor([[start]], dtype=torch.float64), *tg_rest(tg))
+        new = float(
+            kernel_std_step(clean * 2 - 1, tg_start, torch.tensor([500]), step_size=0.05, std_range=(0.5, 3.0))
+        )
+        assert (new < start) if start > 1.2 else (new > start), (start, new)
+        assert abs(new - 1.2) < abs(start - 1.2), (start, new)
     new = kernel_std_step(clean * 2 - 1, tg, torch.tensor([500]), step_size=1.0, std_range=(0.5, 3.0))
     assert 0.5 <= float(new) < 2.0
     # Inactive (t above the level's start): unchanged.
@@ -68,3 +76,8 @@ def test_kernel_std_step_moves_towards_true_std_and_respects_range() -> None:
     assert float(same) == 2.0
     clamped = kernel_std_step(clean * 2 - 1, tg, torch.tensor([500]), step_size=1e6, std_range=(0.5, 3.0))
     assert float(clamped) == 0.5
+
+
+def tg_rest(tg: GuidanceTargets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fields of `tg` after its stds (t_starts, valid, weights)."""
+    return tg.t_starts, tg.valid, tg.weights

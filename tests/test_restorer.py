@@ -209,3 +209,53 @@ def test_given_rm_output_replaces_rm(
         assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
     with pytest.raises(ValueError, match="one restored image per face"):
         r.restore(crops, restored=given[:1])
+
+
+# What each rung of the ablation ladder runs: (start, guidance map, kernel update, several levels).
+COMPONENTS = {
+    "difface": ("fixed400", "none", False, None),  # unguided: its planned levels are never used
+    "dblm": ("fixed999", "ones", False, False),
+    "dblm_dsst": ("dsst", "ones", False, False),
+    "dblm_dsst_dgsa": ("dsst", "dgsa", False, False),
+    "full": ("dsst", "dgsa", True, True),
+}
+
+
+@pytest.mark.parametrize("method", sorted(COMPONENTS))
+def test_each_method_runs_exactly_its_components(
+    restorer: Restorer, faces: list[np.ndarray], method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DSST start vs a fixed one, A_t = 1 vs the DGSA map, one level vs several, the kernel update:
+    observed on the sampler's inputs and outputs and on DGSA's calls, one method at a time."""
+    import dynface.restorer as restorer_module
+
+    start, guidance_map, kernel_update, multi_level = COMPONENTS[method]
+    seen: list = []
+
+    def spy(prior, diffusion, batch, config, **kwargs):
+        out = restorer_module_sample(prior, diffusion, batch, config, **kwargs)
+        seen.append((batch, config, out))
+        return out
+
+    restorer_module_sample = restorer_module.sample
+    monkeypatch.setattr(restorer_module, "sample", spy)
+    calls = {"dgsa": 0}
+    monkeypatch.setattr(restorer.pack.dgsa, "forward", _counting(restorer.pack.dgsa.forward, calls, "dgsa"))
+    r = restorer.with_config(method=method, mode="closed_form", guidance_scale=2.0)
+    big = [np.ascontiguousarray(np.repeat(np.repeat(f[:32, :32], 2, 0), 2, 1)) for f in faces]
+    results = r.restore(big)
+    batch, config, out = seen[0]
+    t_starts = [res.t_start for res in results]
+    if start == "dsst":
+        table = restorer.pack.dsst
+        expected = [int(round(float(table.lookup(res.levels[0])))) for res in results]
+        assert t_starts == expected and all(690 <= t <= 925 for t in t_starts), (t_starts, expected)
+    else:
+        assert t_starts == [int(start.removeprefix("fixed"))] * len(results)
+    assert (config.mode == "none") == (guidance_map == "none")
+    assert (calls["dgsa"] > 0) == (guidance_map == "dgsa"), calls
+    moved = [res.std_final != res.levels for res in results]
+    assert any(moved) if kernel_update else not any(moved)
+    n_levels = [len(res.levels) for res in results]
+    if multi_level is not None:
+        assert (max(n_levels) > 1) == multi_level, n_levels

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from dynface.core.blur import gaussian_blur
 from dynface.core.dblm import run_dblm
-from dynface.core.diffusion import Diffusion
+from dynface.core.diffusion import Diffusion, linear_betas
+from dynface.core.guidance import GuidanceTargets
 from dynface.core.sampler import FaceNoise, SampleBatch, SamplerConfig, StepInfo, sample, start_indices
 from dynface.packs.loading import LoadedPack, load_pack
 from dynface.packs.writer import write_random_pack
@@ -87,6 +89,44 @@ def test_kernel_update_changes_stds_within_range(pack: LoadedPack) -> None:
     out = sample(pack.prior, diffusion, batch, cfg, dgsa=pack.dgsa, std_range=(lo, hi))
     assert not torch.allclose(out.stds_final, batch.targets.stds)
     assert torch.all(out.stds_final >= lo - 1e-6) and torch.all(out.stds_final <= hi + 1e-6)
+
+
+class _OraclePrior(torch.nn.Module):
+    """Predicts exactly the noise that turns x_t back into `clean`: x̂0 = clean at every step, so the
+    kernel-std update sees the true x0 and its direction can be asserted."""
+
+    def __init__(self, clean: torch.Tensor) -> None:
+        super().__init__()
+        self.clean = clean
+        self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - linear_betas()))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = self.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * self.clean[: len(x)]) / (1 - ab).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+
+def test_kernel_update_moves_each_std_towards_the_true_blur() -> None:
+    """Targets are the clean faces blurred by 1.0 px; kernel stds starting above (1.6) and below (0.5)
+    must both end closer to 1.0, the one above lower and the one below higher."""
+    g = torch.Generator().manual_seed(7)
+    clean = gaussian_blur(torch.rand(2, 3, RES, RES, generator=g), 0.8) * 2 - 1  # smooth, like a face
+    true_std, starts = 1.0, torch.tensor([[1.6], [0.5]])
+    blurred = gaussian_blur(clean, true_std)
+    targets = GuidanceTargets(
+        blurred.unsqueeze(1), starts.clone(), torch.full((2, 1), 950), torch.ones(2, 1, dtype=torch.bool),
+        torch.ones(2, 1),
+    )  # fmt: skip
+    batch = SampleBatch(
+        init=blurred, t_start=torch.tensor([900, 900]), eta=torch.zeros(2), seeds=[1, 2], targets=targets
+    )
+    cfg = SamplerConfig(
+        mode="closed_form", respacing="ddim25", guidance_scale=0.1, kernel_update=True, kernel_step=0.5
+    )
+    out = sample(_OraclePrior(clean), Diffusion.create("ddim25"), batch, cfg, std_range=(0.125, 3.0))
+    final = out.stds_final[:, 0]
+    assert float(final[0]) < 1.6 and float(final[1]) > 0.5, final
+    assert torch.all((final - true_std).abs() < (starts[:, 0] - true_std).abs() * 0.7), final
 
 
 def test_zero_dgsa_map_switches_guidance_off(pack: LoadedPack) -> None:
