@@ -64,9 +64,8 @@ def test_kernel_std_step_moves_towards_true_std_and_respects_range() -> None:
     # and a small step brings either closer to 1.2 without overshooting it.
     for start in (2.0, 0.7):
         tg_start = GuidanceTargets(tg.targets, torch.tensor([[start]], dtype=torch.float64), *tg_rest(tg))
-        new = float(
-            kernel_std_step(clean * 2 - 1, tg_start, torch.tensor([500]), step_size=0.05, std_range=(0.5, 3.0))
-        )
+        t = torch.tensor([500])
+        new = float(kernel_std_step(clean * 2 - 1, tg_start, t, step_size=0.05, std_range=(0.5, 3.0)))
         assert (new < start) if start > 1.2 else (new > start), (start, new)
         assert abs(new - 1.2) < abs(start - 1.2), (start, new)
     new = kernel_std_step(clean * 2 - 1, tg, torch.tensor([500]), step_size=1.0, std_range=(0.5, 3.0))
