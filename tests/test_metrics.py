@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,3 +347,21 @@ def test_fid_inception_architecture_and_loader(tmp_path):
     torch.save(imagenet, tmp_path / "imagenet.pth")
     with pytest.raises(ValueError, match="not FID Inception weights"):
         inception_extractor(str(tmp_path / "imagenet.pth"))
+
+
+def test_fid_inception_features_match_an_independent_implementation():
+    """Seeded random weights (tests/fid_reference.py) in our network give the features pytorch-fid's own
+    FID Inception computed with the same weights and images (tests/fixtures, made by
+    scripts/make_fid_inception_reference.py): wiring, pooling, resize and input scaling all count."""
+    from fid_reference import random_fid_state, reference_images
+
+    stored = np.load(Path(__file__).parent / "fixtures" / "fid_inception_reference.npz")
+    images = reference_images()
+    np.testing.assert_array_equal(images, stored["images"])
+    net = metric_nets.FIDInceptionV3()
+    net.load_state_dict(random_fid_state(net.state_dict()), strict=True)
+    with torch.no_grad():
+        ours = net.eval()(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).numpy()
+    reference = stored["features"]
+    assert reference.shape == (2, 2048) and reference.std() > 0.05
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
