@@ -459,7 +459,21 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
         " whole ablation ladder, then full@gt_rm, the oracle bound)",
     )
     p.add_argument("--out", default="out/evaluation")
-    p.add_argument("--seed", type=int, default=2025)
+    p.add_argument(
+        "--seeds", default="2025,2026,2027", help="degradation seeds, comma-separated (at least 3 for a card)"
+    )
+    p.add_argument(
+        "--split",
+        choices=["test", "validation", "train"],
+        default="test",
+        help="the faces reported, by the pack's sha256-prefix rule (manifest 'splits')",
+    )
+    p.add_argument(
+        "--tune-guidance",
+        default=None,
+        metavar="Z1,Z2,...",
+        help="choose ζ among these on the validation split first (never on the reported faces)",
+    )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     w = p.add_argument_group("supplied metric weights (local paths or fsspec URIs; nothing is downloaded)")
     w.add_argument("--arcface", default=None, help="ArcFace ResNet-18 resnet18_110.pth: identity angle")
@@ -492,10 +506,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         methods=methods,
         holdout=args.holdout,
         overrides=dict(parse_option(o) for o in args.option) or None,
-        seed=args.seed,
+        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        split=args.split,
+        tune_guidance=tuple(float(z) for z in args.tune_guidance.split(",")) if args.tune_guidance else (),
         weights=weights,
     )
-    print(ablation_markdown(evaluation.summary))
+    print(ablation_markdown(evaluation.ablation))
     print(f"\nreport: {report}")
     return 0
 

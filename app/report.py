@@ -47,25 +47,26 @@ def write_report(evaluation: Evaluation, out_uri: str, *, title: str, notes: str
     out = out_uri.rstrip("/")
     fs, path = fsspec.core.url_to_fs(out)
     fs.makedirs(path, exist_ok=True)
-    per_face, summary = evaluation.per_face, evaluation.summary
+    per_face, ablation = evaluation.per_face, evaluation.ablation
     buf = io.BytesIO()
     per_face.to_parquet(buf, index=False)
     _write(f"{out}/per_face.parquet", buf.getvalue())
     buf = io.BytesIO()
-    summary.to_parquet(buf, index=False)
-    _write(f"{out}/summary.parquet", buf.getvalue())
-    methods = list(summary["method"])
+    ablation.to_parquet(buf, index=False)
+    _write(f"{out}/ablation.parquet", buf.getvalue())
+    methods = list(ablation["method"])
+    reported = per_face[per_face["split"] == ablation["split"].iloc[0]] if len(ablation) else per_face
 
     def distributions(fig) -> None:  # noqa: ANN001
-        for k, metric in enumerate(("psnr_rgb", "ssim_rgb", "identity_distance")):
+        for k, metric in enumerate(("psnr", "ssim", "identity_distance")):
             ax = fig.add_subplot(1, 3, k + 1)
-            data = [per_face.loc[per_face.method == m, metric].dropna().to_numpy() for m in methods]
+            data = [reported.loc[reported.method == m, metric].dropna().to_numpy() for m in methods]
             ax.boxplot(data, tick_labels=methods)
             ax.set_title(metric)
             ax.tick_params(axis="x", labelrotation=70, labelsize=7)
 
     def std_hist(fig) -> None:  # noqa: ANN001
-        full = per_face[per_face.method == "full"] if "full" in methods else per_face[per_face.n_steps > 0]
+        full = reported[reported.method == "full"] if "full" in methods else reported[reported.n_steps > 0]
         ax = fig.add_subplot(1, 2, 1)
         ax.hist(full["std_hat_512"].dropna(), bins=20, color="tab:blue")
         ax.set_xlabel("std* (px at 512)")
@@ -73,38 +74,45 @@ def write_report(evaluation: Evaluation, out_uri: str, *, title: str, notes: str
         ax.hist(full["t_start"], bins=20, color="tab:orange")
         ax.set_xlabel("t_start")
 
-    def psnr_vs_fd(fig) -> None:  # noqa: ANN001
+    def psnr_with_intervals(fig) -> None:  # noqa: ANN001
         ax = fig.add_subplot(1, 1, 1)
-        ax.scatter(summary["frechet_distance"], summary["psnr_rgb"])
-        for _, r in summary.iterrows():
-            ax.annotate(r["method"], (r["frechet_distance"], r["psnr_rgb"]), fontsize=8)
-        ax.set_xlabel(f"Fréchet distance ({summary['fd_extractor'].iloc[0]})")
-        ax.set_ylabel("PSNR (dB, RGB)")
+        y = np.arange(len(ablation))
+        mean = ablation["psnr"].to_numpy()
+        low, high = ablation["psnr_ci_low"].to_numpy(), ablation["psnr_ci_high"].to_numpy()
+        err = np.stack([mean - low, high - mean])
+        ax.errorbar(mean, y, xerr=err, fmt="o", capsize=3)
+        ax.set_yticks(y, list(ablation["method"]))
+        ax.invert_yaxis()
+        ax.set_xlabel("PSNR (dB, RGB 8-bit), 95 % bootstrap interval over faces")
 
     _write(f"{out}/metric_distributions.png", _figure_png(distributions))
     _write(f"{out}/std_t_start_histograms.png", _figure_png(std_hist))
-    _write(f"{out}/psnr_vs_frechet.png", _figure_png(psnr_vs_fd))
+    _write(f"{out}/psnr_intervals.png", _figure_png(psnr_with_intervals))
     sheet = contact_sheet(evaluation.sheet, methods)
     png = io.BytesIO()
     Image.fromarray(sheet).save(png, format="PNG")
     _write(f"{out}/contact_sheet.png", png.getvalue())
-    n_faces = int(summary["n_faces"].iloc[0]) if len(summary) else 0
+    n_faces = int(ablation["n_faces"].iloc[0]) if len(ablation) else 0
+    n_seeds = int(ablation["n_seeds"].iloc[0]) if len(ablation) else 0
     text = "\n".join(
         [
             f"# {title}",
             "",
             notes,
             "",
-            f"{n_faces} faces per variant. PSNR/SSIM on RGB 8-bit at the pack resolution"
-            " (no mean/variance correction); identity distance = Euclidean distance of dlib face"
-            " descriptors; LMD = dlib 68-point landmark distance (both at 256 px); Fréchet distance"
-            " labelled with its feature extractor.",
+            f"{n_faces} faces × {n_seeds} degradation seeds per variant; each cell is the mean over faces"
+            " (a face's score is its mean over seeds) with its 95 % bootstrap interval over faces. PSNR/SSIM"
+            " on RGB 8-bit at the pack resolution (no mean/variance correction); identity distance ="
+            " Euclidean distance of dlib face descriptors; LMD = dlib 68-point landmark distance (both at"
+            " 256 px); Fréchet distance labelled with its feature extractor, computed only where the faces"
+            " number at least twice its dimensions. Every number is a cell of `ablation.parquet`,"
+            " recomputable from `per_face.parquet`.",
             "",
-            ablation_markdown(summary),
+            ablation_markdown(ablation),
             "",
             "![metric distributions](metric_distributions.png)",
             "![std and t_start](std_t_start_histograms.png)",
-            "![PSNR vs Fréchet distance](psnr_vs_frechet.png)",
+            "![PSNR with intervals](psnr_intervals.png)",
             "",
             "Contact sheet (columns: " + ", ".join([m for m in methods] + ["gt"]) + "):",
             "",

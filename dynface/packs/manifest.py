@@ -85,6 +85,8 @@ class PackManifest:
     weights_dirs: tuple[str, ...] = ()  # folders searched for relative weight files, in order
     weights_dir_env: str | None = None
     card: str | None = None
+    notice: str | None = None  # one line for users about what the pack can do (printed by restore)
+    splits: dict[str, Any] | None = None  # the train/validation/test rule (dynface.splits)
 
     @property
     def resolved(self) -> bool:
@@ -168,6 +170,8 @@ def _parse_manifest(data: Mapping[str, Any], *, uri: str) -> PackManifest:
         manifest_dir=manifest_dir,
         weights_dir_env=data.get("weights_dir_env"),
         card=data.get("card"),
+        notice=data.get("notice"),
+        splits=dict(data["splits"]) if data.get("splits") else None,
     )
 
 

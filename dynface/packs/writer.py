@@ -47,8 +47,12 @@ def write_pack(
     dsst: DSSTTable | None,
     sampler: dict[str, Any] | None = None,
     card: str | None = None,
+    notice: str | None = None,
+    splits: dict[str, Any] | None = None,
 ) -> str:
-    """Write `networks` ({component: (module, config)}) and the DSST table; returns the manifest URI."""
+    """Write `networks` ({component: (module, config)}) and the DSST table; returns the manifest URI.
+    `notice`: the one line `dynface restore` prints about what the pack can do; `splits`: the rule that
+    split its faces (dynface.splits.SplitRule.to_manifest)."""
     folder = folder.rstrip("/")
     fs, path = fsspec.core.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
@@ -70,6 +74,10 @@ def write_pack(
     }
     if card:
         manifest["card"] = card
+    if notice:
+        manifest["notice"] = notice
+    if splits:
+        manifest["splits"] = splits
     uri = f"{folder}/manifest.json"
     _write(uri, json.dumps(manifest, indent=2).encode())
     return uri

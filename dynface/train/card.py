@@ -7,9 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
 from dynface.core.dsst import DSSTTable
-from dynface.train.data import HOLDOUT_PREFIXES, FaceFile
-from dynface.train.evaluate import EvalResult
+from dynface.evaluation import Tuning, ablation_markdown
+from dynface.evaluation_summary import excludes_zero
+from dynface.splits import DEFAULT_SPLIT_RULE
+from dynface.train.data import FaceFile
 from dynface.train.se import SETrainConfig
 
 
@@ -23,8 +27,8 @@ class CardFacts:
     label_quantiles: tuple[float, float, float]
     dsst: DSSTTable
     sampler: dict[str, Any]
-    tuning: dict[float, float]
-    evaluation: dict[str, EvalResult]
+    tuning: Tuning | None  # ζ chosen on the validation split
+    evaluation: pd.DataFrame | None  # ablation.parquet of the recipe's check on the test split
     train_files: list[FaceFile]
     n_holdout: int
     se: SETrainConfig
@@ -120,12 +124,39 @@ def _extra_use(facts: CardFacts, *, table: bool = False) -> str:
     return "RM and SE pairs only" if table else "RM and SE only"
 
 
+def evaluation_lines(ablation: pd.DataFrame, resolution: int) -> list[str]:
+    """The recipe's check on the test split: its table (ablation.parquet) and the verdict on the target."""
+    first = ablation.iloc[0]
+    lines = [
+        f"{int(first['n_faces'])} test-split HQ faces at 512 px × {int(first['n_seeds'])} degradation seeds"
+        f" (DifFace random pipeline, no flip/gray), LQ and GT resized to {resolution} px; 8-bit RGB PSNR.",
+        "Means with 95 % bootstrap intervals over faces; the same numbers are in `ablation.parquet`,",
+        "recomputable from `per_face.parquet`.",
+        "",
+        ablation_markdown(ablation),
+    ]
+    full = ablation[ablation["method"] == "full"]
+    if len(full) and "lq" in set(ablation["method"]):
+        r = full.iloc[0]
+        gain, lo, hi = r["psnr_vs_lq"], r["psnr_vs_lq_ci_low"], r["psnr_vs_lq_ci_high"]
+        verdict = "meets" if lo >= 2.0 else "does not meet"
+        effect = "an effect" if excludes_zero(lo, hi) else "no effect (the interval includes 0)"
+        lines += [
+            "",
+            f"full − LQ = {gain:+.2f} dB [{lo:+.2f}, {hi:+.2f}], {effect}: this {verdict} the target of"
+            " +2 dB (met only when the whole interval lies above it).",
+        ]
+    return lines
+
+
 def render_card(facts: CardFacts) -> str:
     s = facts.stages
     total_s = sum(v["elapsed_s"] for v in s.values())
     res = facts.resolution
     where = "a GPU" if facts.on_gpu else "a CPU"
-    prefixes = " or ".join(repr(p) for p in HOLDOUT_PREFIXES)
+    rule = DEFAULT_SPLIT_RULE
+    validation = " or ".join(repr(p) for p in rule.validation)
+    test = " or ".join(repr(p) for p in rule.test)
     lines = [
         "# DynFace `starter` pack",
         "",
@@ -138,8 +169,9 @@ def render_card(facts: CardFacts) -> str:
         "",
         f"{len(facts.train_files)} training faces"
         + (f" (and {len(facts.extra_files)} for {_extra_use(facts)})" if facts.extra_files else "")
-        + f"; {facts.n_holdout} held out (every file whose sha256",
-        f"starts with {prefixes}; names in `holdout.txt`, no images shipped).",
+        + f"; {facts.n_holdout} held out, names in `holdout.txt` (no images shipped): the",
+        f"**validation** split (sha256 of the file starts with {validation}) takes every tuning decision,",
+        f"the **test** split (sha256 starts with {test}) is only reported (rule in the manifest's `splits`).",
     ]
     if facts.excluded_sources:
         extra = sorted({f.source for f in facts.extra_files})
@@ -197,37 +229,23 @@ def render_card(facts: CardFacts) -> str:
         "`" + ", ".join(f"{k}={v}" for k, v in sorted(facts.sampler.items())) + "`",
     ]
     if facts.tuning:
-        tried = ", ".join(f"ζ={z:g}: {p:.2f} dB" for z, p in sorted(facts.tuning.items()))
+        t = facts.tuning
+        tried = ", ".join(
+            f"ζ={c['guidance_scale']:g}: {p:.2f} dB" for c, p in zip(t.candidates, t.mean_psnr, strict=True)
+        )
         lines += [
             "",
-            "guidance_scale ζ tuned before DGSA existed (`full` with A_t = 1) on held-out faces other than",
-            f"the evaluation faces when there are enough; mean PSNR: {tried}.",
+            f"guidance_scale ζ chosen before DGSA existed (`{t.method}` with A_t = 1) on the {len(t.faces)}"
+            " validation faces (mean 8-bit RGB PSNR over the evaluation seeds; rows in `per_face.parquet`,"
+            f" split `validation`): {tried}.",
         ]
     if facts.notes:
         lines += ["", "## Run notes", "", *[f"- {n}" for n in facts.notes]]
-    lines += ["", "## Evaluation (held-out faces)", ""]
-    if facts.evaluation:
-        n = len(next(iter(facts.evaluation.values())).psnrs)
-        lines += [
-            f"{n} held-out HQ faces at 512 px, DifFace-range degradation (seeded, no flip/gray), LQ and",
-            f"GT resized to {res} px; RGB PSNR:",
-            "",
-            "| input / method | mean PSNR (dB) |",
-            "|---|---:|",
-            *[f"| {k} | {v.mean_psnr:.2f} |" for k, v in facts.evaluation.items()],
-        ]
-        ev = facts.evaluation
-        if "lq" in ev and "full" in ev:
-            gain = ev["full"].mean_psnr - ev["lq"].mean_psnr
-            verdict = "meets" if gain >= 2.0 else "does not meet"
-            lines += [
-                "",
-                f"full − LQ = {gain:+.2f} dB: this {verdict} the target of +2 dB. (The recipe's own check",
-                f"on the first {n} held-out faces with its own degradation draw; the Ablation below, on",
-                "every held-out face, is the reference.)",
-            ]
+    lines += ["", "## Evaluation (test split)", ""]
+    if facts.evaluation is not None and len(facts.evaluation):
+        lines += evaluation_lines(facts.evaluation, res)
     else:
-        lines.append("No held-out faces were available; nothing was evaluated.")
+        lines.append("No test-split faces were available; nothing was evaluated.")
     lines += [
         "",
         "## Known limits",

@@ -11,7 +11,8 @@ use everything). RM and SE, which restore and measure local structure, do train 
 they are: `extra_pool_faces` picks their training-split files for the RM/SE pair pool (`StarterPlan`).
 
 Held-out split (fixed, independent of the framing choice): every file whose sha256 (of the file bytes,
-as listed in MANIFEST.csv) starts with '0' or '1' is held out from all training (~1/8 of the files).
+as listed in MANIFEST.csv) starts with '0' or '1' is held out from all training (~1/8 of the files):
+'0' is the validation split (tuning), '1' the test split (reported only), dynface.splits.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from dynface.images.degrade import (
     params_for_resolution,
     sample_params,
 )
+from dynface.splits import DEFAULT_SPLIT_RULE, SplitName
 
 HQ_FOLDER = "hq_aligned"
 UTKFACE_SOURCE = "Mohanish-5744__Major_Ensemble_Gender"
 EXCLUDED_SOURCES: tuple[str, ...] = (UTKFACE_SOURCE,)
-HOLDOUT_PREFIXES: tuple[str, ...] = ("0", "1")
+HOLDOUT_PREFIXES: tuple[str, ...] = DEFAULT_SPLIT_RULE.held_out
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -175,6 +177,11 @@ def split_faces(faces: Sequence[FaceFile]) -> tuple[list[FaceFile], list[FaceFil
     train = [f for f in faces if not is_held_out(f)]
     held = [f for f in faces if is_held_out(f)]
     return train, held
+
+
+def split_of(face: FaceFile) -> SplitName:
+    """train / validation / test by the fixed sha256-prefix rule (dynface.splits)."""
+    return DEFAULT_SPLIT_RULE.split_of(face.sha256)
 
 
 def load_image_u8(path: Path, resolution: int) -> np.ndarray:

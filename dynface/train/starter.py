@@ -21,16 +21,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from dynface.core.diffusion import linear_betas
 from dynface.core.dsst import DSSTTable, build_dsst_table, mean_power_spectrum
 from dynface.core.dsst_plot import plot_dsst_table
+from dynface.evaluation import (
+    DEFAULT_SEEDS,
+    EvalSet,
+    Evaluation,
+    Tuning,
+    build_eval_set,
+    evaluate_variants,
+    tune_on_validation,
+)
 from dynface.models.swinir import build_swinir
 from dynface.packs.writer import write_pack
 from dynface.paths import shared_dir
 from dynface.restorer import Restorer
+from dynface.splits import DEFAULT_SPLIT_RULE, SplitName
 from dynface.train.card import CardFacts, render_card
 from dynface.train.common import LoopResult, count_params
 from dynface.train.data import (
@@ -45,10 +56,10 @@ from dynface.train.data import (
     load_realigned_faces,
     merge_pools,
     split_faces,
+    split_of,
     without_sources,
 )
 from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
-from dynface.train.evaluate import EvalResult, degraded_eval_set, evaluate_restorer
 from dynface.train.fresh_pairs import FreshPairBatches, FreshPairStream, face_array_file
 from dynface.train.plan import (
     RM_PAIR_SOURCES,
@@ -65,6 +76,7 @@ from dynface.train.sde import train_sde
 from dynface.train.se import SEResult, train_se
 
 DEFAULT_SCALES = (1.0, 3.0, 10.0, 30.0)
+RECIPE_METHODS = ("lq", "rm_only", "full")  # the recipe's own check; `dynface evaluate` runs the ladder
 TRAINING_FILE = "training.json"  # per-stage summaries next to the pack (read back by reuse_prior)
 
 
@@ -76,8 +88,8 @@ class StarterReport:
     stages: dict[str, dict[str, Any]]  # steps, elapsed_s, stopped_by, final losses
     tau: float
     guidance_scale: float
-    tuning: dict[float, float]  # ζ -> mean PSNR (full) on the tuning faces
-    evaluation: dict[str, EvalResult]
+    tuning: Tuning | None  # ζ chosen on the validation faces
+    evaluation: Evaluation | None  # lq / rm_only / full on the test faces
     n_train: int
     n_holdout: int
     wall_s: float
@@ -210,22 +222,31 @@ def _hardware(device: str, on_gpu: bool) -> str:
     return cpu
 
 
-def _tune_and_eval(
-    folder: Path,
-    tune_lq: np.ndarray,
-    tune_gt: np.ndarray,
-    scales: tuple[float, ...],
-    device: str = "cpu",
-) -> tuple[float, dict[float, float]]:
-    restorer = Restorer.from_pack(str(folder), device=device)
-    scores: dict[float, float] = {}
-    for zeta in scales:
-        res = evaluate_restorer(
-            restorer.with_config(guidance_scale=zeta), tune_lq, tune_gt, methods=("full",)
-        )
-        scores[zeta] = res["full"].mean_psnr
-    best = max(scores, key=lambda z: scores[z])
-    return best, scores
+def starter_notice(resolution: int) -> str:
+    """The line `dynface restore` prints for a pack this recipe wrote."""
+    return (
+        f"the starter pack is a {resolution}-px demonstration model: it shows the method running end to"
+        " end but does not improve real photographs; for real restoration use the difface pack"
+        " (README, 'Packs: which weights are used')"
+    )
+
+
+def recipe_eval_sets(data: Path, names: Sequence[str], resolution: int, split: SplitName) -> list[EvalSet]:
+    """The recipe's faces of one split, degraded once per evaluation seed (dynface.evaluation)."""
+    return [
+        build_eval_set(str(data), resolution=resolution, names=names, seed=seed, split=split)
+        for seed in DEFAULT_SEEDS
+    ]
+
+
+def write_results(out: Path, evaluation: Evaluation | None, tuning: Tuning | None) -> None:
+    """per_face.parquet (test rows, then the validation rows of the ζ search) and ablation.parquet."""
+    frames = [x for x in (evaluation.per_face if evaluation else None, tuning.per_face if tuning else None)]
+    frames = [f for f in frames if f is not None]
+    if frames:
+        pd.concat(frames, ignore_index=True).to_parquet(out / "per_face.parquet", index=False)
+    if evaluation is not None:
+        evaluation.ablation.to_parquet(out / "ablation.parquet", index=False)
 
 
 def train_starter(
@@ -259,8 +280,9 @@ def train_starter(
     `data_dir` holds the HQ faces (default: the shared data; a folder with MANIFEST.csv uses its
     `hq_aligned` rows, any other folder all its images). `work_dir` keeps checkpoints and loss curves
     (default: a folder in the system temp dir named after the pack; never inside the repository).
-    Held-out faces (sha256 prefix rule, dynface.train.data) are listed in `<out_dir>/holdout.txt`,
-    ζ is tuned on `tune_faces` of them and PSNR reported on the first `eval_faces`. `notes` are added to
+    Held-out faces (sha256 prefix rule, dynface.splits) are listed in `<out_dir>/holdout.txt`; ζ is
+    tuned on the first `tune_faces` of the validation split and the first `eval_faces` of the test
+    split are reported (`per_face.parquet`, `ablation.parquet`, the card's Evaluation). `notes` are added to
     the model card verbatim (e.g. how a run deviated from the plan). `reuse_prior`: a pack folder whose
     prior (and its recorded training summary, `training.json`) is taken instead of training one — the
     prior is most of the cost, and the other stages depend on it only through DGSA. `vgg16`: torchvision's
@@ -344,37 +366,37 @@ def train_starter(
             dsst=dsst,
             sampler=sampler,
             card=card,
+            notice=starter_notice(resolution),
+            splits=DEFAULT_SPLIT_RULE.to_manifest(),
         )
 
     # ζ first, with global guidance (A_t = 1, a pack without DGSA), so that DGSA then learns to modulate
-    # the guidance scale the pack will actually use.
+    # the guidance scale the pack will actually use. ζ is chosen on validation faces only; the test faces
+    # are restored once, at the end, and only reported.
     sampler = dict(plan.sampler)
     write_holdout(out / "holdout.txt", held_files)
     uri = write(sampler, None)
-    tuning: dict[float, float] = {}
-    evaluation: dict[str, EvalResult] = {}
-    lq = gt = None
-    n_eval = 0
-    if held_files:
-        # ζ is tuned on held-out faces after the first `eval_faces` (the reported ones) when there are
-        # enough; a tiny data set (quick runs) tunes on the evaluation faces themselves.
-        n_eval = min(eval_faces, len(held_files))
-        tune_sel = list(range(n_eval, min(n_eval + tune_faces, len(held_files)))) or list(
-            range(min(tune_faces, n_eval))
+    validation = [f.file for f in held_files if split_of(f) == "validation"][:tune_faces]
+    test = [f.file for f in held_files if split_of(f) == "test"][:eval_faces]
+    tuning: Tuning | None = None
+    if validation:
+        tuning = tune_on_validation(
+            Restorer.from_pack(str(out), device=device),
+            recipe_eval_sets(data, validation, resolution, "validation"),
+            [{"guidance_scale": float(z)} for z in scales],
         )
-        used = held_files[: max(n_eval, tune_sel[-1] + 1)]
-        hq = load_faces(data, used, 512 if not quick else resolution)
-        lq, gt = degraded_eval_set(hq, resolution)
-        best, tuning = _tune_and_eval(out, lq[tune_sel], gt[tune_sel], scales, device)
-        sampler["guidance_scale"] = best
+        sampler["guidance_scale"] = tuning.best["guidance_scale"]
     dgsa_config = replace(plan.dgsa, guidance_scale=float(sampler["guidance_scale"]))
     perceptual = dists_loss(vgg16, dists_head) if vgg16 else None
     dgsa = train_dgsa(images, work / "dgsa", dgsa_config, nets=nets, pool=pool, perceptual=perceptual)
     networks["dgsa"] = (dgsa.model, configs["dgsa"])
     uri = write(sampler, None)
-    if lq is not None and gt is not None:
+    evaluation: Evaluation | None = None
+    if test:
         restorer = Restorer.from_pack(str(out), device=device)
-        evaluation = evaluate_restorer(restorer, lq[:n_eval], gt[:n_eval])
+        test_sets = recipe_eval_sets(data, test, resolution, "test")
+        evaluation = evaluate_variants(restorer, test_sets, methods=RECIPE_METHODS, sheet_faces=0)
+    write_results(out, evaluation, tuning)
     stages = {
         "prior": prior_summary,
         "rm": _stage_summary(rm),
@@ -398,7 +420,7 @@ def train_starter(
         dsst=dsst,
         sampler=sampler,
         tuning=tuning,
-        evaluation=evaluation,
+        evaluation=evaluation.ablation if evaluation is not None else None,
         train_files=train_files,
         n_holdout=len(held_files),
         se=plan.se,
@@ -461,11 +483,21 @@ def _copy_curves(work: Path, dest: Path) -> None:
 
 
 def _report_json(report: StarterReport) -> dict[str, Any]:
-    data = {k: v for k, v in report.__dict__.items() if k != "evaluation"}
-    data["tuning"] = {str(k): v for k, v in report.tuning.items()}
-    data["evaluation"] = {
-        k: {"mean_psnr": v.mean_psnr, "psnrs": v.psnrs} for k, v in report.evaluation.items()
-    }
+    data = {k: v for k, v in report.__dict__.items() if k not in ("evaluation", "tuning")}
+    t, ev = report.tuning, report.evaluation
+    data["tuning"] = None
+    if t is not None:
+        data["tuning"] = {
+            "faces": list(t.faces),
+            "candidates": list(t.candidates),
+            "mean_psnr": list(t.mean_psnr),
+        }
+    data["evaluation"] = None
+    if ev is not None:
+        data["evaluation"] = {
+            r["method"]: {"psnr": r["psnr"], "ci": [r["psnr_ci_low"], r["psnr_ci_high"]]}
+            for _, r in ev.ablation.iterrows()
+        }
     return data
 
 
@@ -477,7 +509,8 @@ def check_pack(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Restore every image of `<data>/lq_real_aligned` (raises if any fails or changes size) and report
-    mean PSNR of LQ / rm_only / full on the first `eval_faces` held-out faces (evaluate.py protocol)."""
+    mean PSNR of LQ / rm_only / full on the first `eval_faces` test-split faces over the evaluation seeds
+    (dynface.evaluation)."""
     from PIL import Image
 
     data = Path(data_dir) if data_dir is not None else shared_dir() / "data"
@@ -492,14 +525,14 @@ def check_pack(
     for path, face, res in zip(files, faces, results):
         if res.image.shape != face.shape or not np.isfinite(res.std_hat):
             raise RuntimeError(f"{path.name}: bad result (shape {res.image.shape}, std {res.std_hat})")
-    held = split_faces(list_faces(data))[1][:eval_faces]
-    lq, gt = degraded_eval_set(load_faces(data, held, 512), restorer.resolution)
-    evaluation = evaluate_restorer(restorer, lq, gt)
+    held = [f.file for f in split_faces(list_faces(data))[1] if split_of(f) == "test"][:eval_faces]
+    sets = recipe_eval_sets(data, held, restorer.resolution, "test")
+    ablation = evaluate_variants(restorer, sets, methods=RECIPE_METHODS, sheet_faces=0).ablation
     return {
         "lq_real_restored": len(results),
         "lq_real_seconds": round(seconds, 1),
-        "heldout_faces": len(held),
-        "mean_psnr": {k: round(v.mean_psnr, 3) for k, v in evaluation.items()},
+        "test_faces": len(held),
+        "mean_psnr": {r["method"]: round(r["psnr"], 3) for _, r in ablation.iterrows()},
     }
 
 
