@@ -8,6 +8,7 @@
     dynface catalog sql CATALOG_URI "SELECT ..."
     dynface pack random DIR [--resolution 32]
     dynface pack pin PACK --out DIR [--weights-dir DIR]
+    dynface pack hash PACK [--weights-dir DIR]
 
 Each subcommand is added by one `add_*_command(subparsers)` function listed in `SUBCOMMANDS`
 (no plugin discovery): a new command is one more function and one more entry. Heavy imports
@@ -177,15 +178,23 @@ def preflight(args: argparse.Namespace) -> str | None:
     verify_pinned(manifest)
     overrides = restore_overrides(method=args.method, guidance=args.guidance, options=dict(args.option))
     config = config_for(manifest, overrides)
-    if resolve_device(args.device).type != "cpu":
-        return None
-    return cpu_cost_note(
-        config,
-        dsst=load_dsst(manifest),
-        has_se=manifest.has_se(),
-        resolution=manifest.resolution,
-        pack_name=manifest.name,
-    )
+    notes = [pack_notice(manifest)] if manifest.notice else []
+    if resolve_device(args.device).type == "cpu":
+        notes.append(
+            cpu_cost_note(
+                config,
+                dsst=load_dsst(manifest),
+                has_se=manifest.has_se(),
+                resolution=manifest.resolution,
+                pack_name=manifest.name,
+            )
+        )
+    return "\n".join(n for n in notes if n) or None
+
+
+def pack_notice(manifest: Any) -> str:
+    """The one line a pack asks to be shown before it restores anything (its manifest's `notice`)."""
+    return f"dynface restore: note: {manifest.notice}"
 
 
 EXIT_CANCELLED = 130  # what a shell reports for a command ended by Ctrl-C
@@ -417,6 +426,39 @@ def add_pack_command(subparsers: argparse._SubParsersAction) -> None:
     pin.add_argument("--out", required=True, help="folder for the pinned manifest.yaml")
     pin.add_argument("--weights-dir", default=None, help="folder or URI prefix holding the weight files")
     pin.set_defaults(handler=run_pack_pin)
+    hashes = sub.add_parser(
+        "hash", help="print the sha256 of every file a pack uses and whether its manifest pins it"
+    )
+    hashes.add_argument("pack", help="pack name, manifest path/URI or folder")
+    hashes.add_argument("--weights-dir", default=None, help="folder or URI prefix holding the weight files")
+    hashes.set_defaults(handler=run_pack_hash)
+
+
+def run_pack_hash(args: argparse.Namespace) -> int:
+    """One line per component: sha256, pinned / matches / DIFFERS, file. Exit 1 when a pinned file
+    differs, 2 when a file is missing; `dynface pack pin` writes a manifest pinning what is printed."""
+    from dynface.checkpoints import sha256_of
+    from dynface.packs.manifest import resolve_pack
+
+    try:
+        manifest = resolve_pack(args.pack, weights_dir=args.weights_dir, measure_unpinned=False)
+    except Exception as err:  # noqa: BLE001 - a missing file: one line, exit status 2
+        print(f"dynface pack hash: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    differs = False
+    for name, spec in sorted(manifest.components.items()):
+        uri = manifest.component_uri(name)
+        digest = sha256_of(uri)
+        if spec.sha256 is None:
+            state = "not pinned"
+        elif spec.sha256 == digest:
+            state = "pinned, matches"
+        else:
+            state, differs = f"pinned {spec.sha256}, DIFFERS", True
+        print(f"{name:6s} {digest}  {state}  {uri}")
+    if any(spec.sha256 is None for spec in manifest.components.values()):
+        print(f"pin them: dynface pack pin {args.pack} --out DIR", file=sys.stderr)
+    return 1 if differs else 0
 
 
 def run_pack_random(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ def test_subcommands_are_registered_explicitly():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(sub.choices) == ["restore", "catalog", "pack", "evaluate", "train", "review", "publish"]
     pack = next(a for a in sub.choices["pack"]._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(pack.choices) == ["random", "pin"]
+    assert list(pack.choices) == ["random", "pin", "hash"]
     assert len(SUBCOMMANDS) == 7
     with pytest.raises(SystemExit):
         main(["no-such-command"])
@@ -122,3 +122,41 @@ def test_restore_refuses_bad_settings_before_anything_starts(offline_env, tmp_pa
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err  # one line, no traceback
     assert not dest.exists()
+
+
+def test_restore_with_the_starter_pack_says_what_it_is(tmp_path: Path) -> None:
+    """The starter manifest's notice is the first line `dynface restore` prints (stderr, before the run);
+    a pack without a notice prints none."""
+    from app.cli import build_parser, preflight
+
+    src = write_aligned_faces(tmp_path / "crops", 1, size=40)
+    args = build_parser().parse_args(["restore", str(src), str(tmp_path / "out"), "--aligned"])
+    note = preflight(args)
+    first = note.splitlines()[0]
+    assert first.startswith("dynface restore: note: the starter pack is a 64-px demonstration model")
+    assert "does not improve real photographs" in first and "difface" in first
+    random_pack = write_random_pack(str(tmp_path / "pack"), resolution=32)
+    args = build_parser().parse_args(["restore", str(src), str(tmp_path / "out"), "--pack", random_pack])
+    assert "note:" not in (preflight(args) or "")
+
+
+def test_pack_hash_prints_every_file_and_its_pin(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    pack = write_random_pack(str(tmp_path / "p"), resolution=32)
+    assert main(["pack", "hash", pack]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    manifest = json.loads(Path(pack).read_text())
+    assert len(lines) == len(manifest["components"])
+    for line in lines:
+        name, digest, *_ = line.split()
+        assert digest == manifest["components"][name]["sha256"] and "pinned, matches" in line
+    (tmp_path / "p" / "rm.safetensors").write_bytes(b"not the pinned bytes")
+    assert main(["pack", "hash", pack]) == 1
+    assert "DIFFERS" in capsys.readouterr().out
+    weights = tmp_path / "w"
+    weights.mkdir()
+    for name in ("iddpm_ffhq512_ema500000.pth", "swinir_restoration512_L1.pth"):
+        (weights / name).write_bytes(name.encode())
+    assert main(["pack", "hash", "difface", "--weights-dir", str(weights)]) == 0
+    out, err = capsys.readouterr()
+    assert hashlib.sha256(b"swinir_restoration512_L1.pth").hexdigest() in out and "not pinned" in out
+    assert "dynface pack pin difface --out DIR" in err

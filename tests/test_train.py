@@ -29,6 +29,7 @@ from dynface.train.data import (
     load_faces,
     merge_pools,
     split_faces,
+    split_of,
 )
 from dynface.train.dgsa import DGSATrainConfig, FrozenNets, train_dgsa
 from dynface.train.prior import PriorTrainConfig, prior_config, train_prior
@@ -333,6 +334,42 @@ def _write_faces(folder: Path, n: int, size: int) -> None:
         Image.fromarray((face * 255).round().astype(np.uint8)).save(folder / f"face{i:02d}.png")
 
 
+def _card_rows(card: str, section: str) -> dict[str, list[str]]:
+    """The cells of each table row of a card section whose second cell names a method in backticks."""
+    text = card.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) > 2 and cells[1].startswith("`") and cells[1].endswith("`"):
+            rows.setdefault(cells[1].strip("`"), cells)
+    return rows
+
+
+def _check_card_against_parquet(pack: Path, section: str = "Evaluation (test split)") -> None:
+    """Every mean and interval of the card's table is the parquet's, and the parquet's means are the
+    means over faces of `per_face.parquet`'s test rows."""
+    import pandas as pd
+
+    card = (pack / "MODEL_CARD.md").read_text()
+    ablation = pd.read_parquet(pack / "ablation.parquet")
+    per_face = pd.read_parquet(pack / "per_face.parquet")
+    rows = _card_rows(card, section)
+    assert set(rows) == set(ablation["method"]), (sorted(rows), list(ablation["method"]))
+    for _, r in ablation.iterrows():
+        cells = rows[r["method"]]
+        for cell, metric, digits in ((2, "psnr", 2), (3, "ssim", 3)):
+            lo, hi = r[f"{metric}_ci_low"], r[f"{metric}_ci_high"]
+            assert cells[cell] == f"{r[metric]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]", (
+                r["method"],
+                cells,
+            )
+        test_rows = per_face[(per_face["split"] == "test") & (per_face["method"] == r["method"])]
+        assert r["psnr"] == pytest.approx(test_rows.groupby("face")["psnr"].mean().mean(), abs=1e-9)
+        assert r["n_seeds"] == test_rows["seed"].nunique() >= 3
+    full = ablation.set_index("method").loc["full"]
+    assert f"full − LQ = {full['psnr_vs_lq']:+.2f} dB [{full['psnr_vs_lq_ci_low']:+.2f}," in card
+
+
 def test_plan_loop_and_step_helpers() -> None:
     from dynface.train.plan import parse_stage_values, starter_plan, with_loop, with_stage, with_steps_scale
 
@@ -374,10 +411,11 @@ def test_split_rule_uses_sha256_prefixes(tmp_path: Path) -> None:
 
 def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dynface.train.data as train_data
+    import dynface.train.starter as starter_module
     from dynface.metrics.perceptual import default_head_path
 
     data = tmp_path / "data"
-    _write_faces(data / "src", 12, 32)
+    _write_faces(data / "src", 24, 32)  # 22 train, 1 validation, 1 test face (sha256 prefixes)
     _write_faces(data / UTKFACE_SOURCE, 6, 24)  # kept out of the prior, joins the RM/SE pool
     extra = extra_pool_faces(list_faces(data, exclude=()), (UTKFACE_SOURCE,), list_faces(data))
     assert extra and all(f.source == UTKFACE_SOURCE and not is_held_out(f) for f in extra)
@@ -385,6 +423,14 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytes
     hashed: list[str] = []  # a folder without MANIFEST.csv is hashed while listed: once per run, not per use
     real_sha256 = train_data._sha256_file
     monkeypatch.setattr(train_data, "_sha256_file", lambda p: hashed.append(str(p)) or real_sha256(p))
+    tuned_on: list[tuple[str, str]] = []  # (face, split) of every face a tuning decision looked at
+    real_tune = starter_module.tune_on_validation
+
+    def spy_tune(restorer, sets, candidates, **kwargs):
+        tuned_on.extend((n, s) for ev in sets for n, s in zip(ev.names, ev.splits, strict=True))
+        return real_tune(restorer, sets, candidates, **kwargs)
+
+    monkeypatch.setattr(starter_module, "tune_on_validation", spy_tune)
     report = train_starter(
         out,
         resolution=32,
@@ -402,6 +448,11 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytes
     assert loaded.manifest.resolution == 32 and loaded.manifest.sampler["guidance_scale"] in (0.5, 1.0)
     held = [f.file for f in split_faces(list_faces(data))[1]]
     assert (out / "holdout.txt").read_text().split() == sorted(held)
+    validation = {f.file for f in list_faces(data) if split_of(f) == "validation"}
+    test = {f.file for f in list_faces(data) if split_of(f) == "test"}
+    assert validation and test and not validation & test
+    assert tuned_on and {n for n, _ in tuned_on} == validation and {s for _, s in tuned_on} == {"validation"}
+    _check_card_against_parquet(out)
     assert "## Ablation" in (out / "MODEL_CARD.md").read_text()
     assert "trained from scratch on a CPU" in (out / "MODEL_CARD.md").read_text()
     assert (

@@ -205,6 +205,10 @@ def pin_pack(pack: str, *, out: str, weights_dir: str | None = None) -> str:
     }
     if manifest.card:
         data["card"] = manifest.card
+    if manifest.notice:
+        data["notice"] = manifest.notice
+    if manifest.splits:
+        data["splits"] = manifest.splits
     target = f"{out}/manifest.yaml"
     _write(target, yaml.safe_dump(data, sort_keys=False).encode())
     return target
