@@ -641,3 +641,20 @@ def test_quick_starter_with_masked_prior_crops_at_64_px(data_dir: Path, tmp_path
     card = (out / "MODEL_CARD.md").read_text()
     assert "50% re-aligned tight crops" in card and "prior (re-aligned, masked loss)" in card
     load_pack(str(out))
+
+
+def test_train_starter_refuses_an_existing_pack_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dynface train starter weights/starter` would replace the shipped pack with another run's."""
+    from app.cli import main
+
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "manifest.json").write_text("{}")
+    assert main(["train", "starter", str(pack), "--quick", "--data-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--force" in err
+    assert (pack / "manifest.json").read_text() == "{}"
+    with pytest.raises(Exception):  # noqa: B017 - with --force it goes on, and fails on the empty data dir
+        main(["train", "starter", str(pack), "--quick", "--force", "--data-dir", str(tmp_path / "none")])

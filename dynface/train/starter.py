@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -549,6 +550,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (2 when the machine is idle)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--check", action="store_true", help="only check an existing pack (no training)")
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite a pack already in OUT (e.g. weights/starter)"
+    )
     parser.add_argument("--note", action="append", default=[], help="a line for the model card (repeatable)")
     parser.add_argument("--reuse-prior", default=None, help="take the prior from this pack folder")
     parser.add_argument(
@@ -587,6 +591,14 @@ def cli_main(argv: list[str] | None = None) -> int:
     if args.check:
         print(json.dumps(check_pack(args.out_dir, data_dir=args.data_dir), indent=1))
         return 0
+    existing = Path(args.out_dir) / "manifest.json"
+    if existing.is_file() and not args.force:
+        print(
+            f"dynface train starter: {existing} exists: training would replace that pack's weights, card and"
+            " results with a new run's; choose another folder, or pass --force",
+            file=sys.stderr,
+        )
+        return 2
     report = train_starter(
         args.out_dir,
         resolution=args.resolution,
