@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from dynface.evaluation_summary import Frechet, excludes_zero, frechet_or_reason, summarise
 from dynface.images.degrade import DIFFACE_RANGES, celeba_test_grid, degrade_pair, random_test_params
 from dynface.images.folders import iter_images
+from dynface.metrics.arrays import resize_u8
 from dynface.metrics.fid import FeatureExtractor, dlib_descriptor_extractor
 from dynface.metrics.fidelity import psnr, ssim
-from dynface.metrics.identity import IdentityEmbedder, identity_distance, landmark_distance
+from dynface.metrics.identity import ID_SIZE, IdentityEmbedder, identity_distance, landmark_distance
 from dynface.metrics.supplied import SuppliedMetrics
 from dynface.restorer import Restorer
 from dynface.splits import DEFAULT_SPLIT_RULE, SplitName, SplitRule, sha256_bytes
@@ -72,11 +72,7 @@ class EvalSet:
     seed: int = 2025  # the degradation seed
 
 
-def _resize_u8(img: np.ndarray, size: int) -> np.ndarray:
-    arr = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8) if img.dtype != np.uint8 else img
-    if arr.shape[0] == size and arr.shape[1] == size:
-        return arr
-    return np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.BICUBIC))
+_resize_u8 = resize_u8  # the one resize of LQ/GT to the pack and of faces to ID_SIZE
 
 
 def build_eval_set(
@@ -143,7 +139,7 @@ def score_faces(
     images: Sequence[np.ndarray],
     gt: Sequence[np.ndarray],
     *,
-    id_size: int = 256,
+    id_size: int = ID_SIZE,
     embedder=None,
     supplied: SuppliedMetrics | None = None,
 ) -> pd.DataFrame:
@@ -234,7 +230,7 @@ def evaluate_variants(
     *,
     methods: Sequence[str] = DEFAULT_METHODS,
     extractor: FeatureExtractor | None = None,
-    id_size: int = 256,
+    id_size: int = ID_SIZE,
     sheet_faces: int = 6,
     supplied: SuppliedMetrics | None = None,
     split: str = "test",

@@ -1,12 +1,15 @@
 """Stage 7, score: no-reference consistency scores per restored face.
 
-identity_similarity: cosine similarity of dlib face descriptors, input crop vs restored crop
-(`dynface.metrics.identity.identity_similarity`); null when dlib finds no face in either crop or the
-metrics module is unavailable. The guidance residual comes from the sampler (stage 5).
+identity_similarity: cosine similarity of dlib face descriptors, input crop vs restored crop, both
+upsampled to the evaluation's ID_SIZE first, as `dynface evaluate` measures identity
+(`dynface.metrics.identity.identity_similarity_at_id_size`); null when dlib finds no face in either crop
+or the metrics module is unavailable (said once in the log, with the reason). The guidance residual
+comes from the sampler (stage 5).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -16,15 +19,18 @@ from tasks.tables import DETECT_FACES, SAMPLES, SCORES, by_face
 from tasks.work import RunContext, read_png, stage_task
 
 Similarity = Callable[[np.ndarray, np.ndarray], float]
+log = logging.getLogger(__name__)
 
 
 def identity_scorer() -> Similarity | None:
-    """`dynface.metrics.identity.identity_similarity`, or None when it cannot be imported here."""
+    """The evaluation's identity measure (`identity_similarity_at_id_size`), or None, logged with the
+    reason, when it cannot be imported here."""
     try:
-        from dynface.metrics.identity import identity_similarity
-    except Exception:  # noqa: BLE001 - scores are optional; the run records nulls instead
+        from dynface.metrics.identity import identity_similarity_at_id_size
+    except Exception as err:  # noqa: BLE001 - scores are optional; the run records nulls instead
+        log.warning("identity_similarity will be null: dlib's identity metric is unavailable (%r)", err)
         return None
-    return identity_similarity
+    return identity_similarity_at_id_size
 
 
 def similarity_or_none(scorer: Similarity | None, restored: np.ndarray, original: np.ndarray) -> float | None:

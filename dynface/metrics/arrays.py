@@ -24,3 +24,14 @@ def to_uint8(img: np.ndarray, name: str) -> np.ndarray:
     if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3:
         return a
     return np.rint(to_255(a, name)).astype(np.uint8)
+
+
+def resize_u8(img: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 or float in [0, 1] -> (size, size, 3) uint8, PIL bicubic (unchanged when already
+    that size): how every metric that needs larger faces than a pack gives upsamples them."""
+    from PIL import Image
+
+    arr = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8) if img.dtype != np.uint8 else img
+    if arr.shape[0] == size and arr.shape[1] == size:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.BICUBIC))

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 
 from dynface.images.dlib_models import dlib_model_path
-from dynface.metrics.arrays import to_uint8
+from dynface.metrics.arrays import resize_u8, to_uint8
 
 # dlib's HOG detector box on FFHQ-aligned crops as fractions of the crop side (left, top, right,
 # bottom): the mean over the 9 of the 10 GPEN FFHQ crops (at 512 px) where it fired. dlib's shape
@@ -91,6 +91,19 @@ def identity_distance(img: np.ndarray, ref: np.ndarray, embedder: IdentityEmbedd
     nan when either face yields no descriptor."""
     pair = descriptor_pair(img, ref, embedder)
     return math.nan if pair is None else float(np.linalg.norm(pair[0] - pair[1]))
+
+
+# dlib's descriptor and landmarks need larger faces than a 64-px pack gives: the evaluation and the
+# pipeline's score stage both upsample both faces to this size first (bicubic, `resize_u8`).
+ID_SIZE = 256
+
+
+def identity_similarity_at_id_size(
+    img: np.ndarray, ref: np.ndarray, embedder: IdentityEmbedder | None = None, *, size: int = ID_SIZE
+) -> float:
+    """`identity_similarity` of the two faces upsampled to `size`: the pipeline's score, measured as the
+    evaluation measures identity."""
+    return identity_similarity(resize_u8(img, size), resize_u8(ref, size), embedder)
 
 
 def identity_similarity(img: np.ndarray, ref: np.ndarray, embedder: IdentityEmbedder | None = None) -> float:
