@@ -658,3 +658,20 @@ def test_train_starter_refuses_an_existing_pack_without_force(
     assert (pack / "manifest.json").read_text() == "{}"
     with pytest.raises(Exception):  # noqa: B017 - with --force it goes on, and fails on the empty data dir
         main(["train", "starter", str(pack), "--quick", "--force", "--data-dir", str(tmp_path / "none")])
+
+
+def test_shipped_starter_card_agrees_with_its_parquet() -> None:
+    """weights/starter: every number of the card's Ablation table is a cell of ablation.parquet, whose
+    means are recomputed from per_face.parquet; the reported faces are test-split faces of holdout.txt."""
+    import pandas as pd
+
+    pack = Path(__file__).resolve().parent.parent / "weights" / "starter"
+    _check_card_against_parquet(pack, section="Ablation")
+    per_face = pd.read_parquet(pack / "per_face.parquet")
+    held = set((pack / "holdout.txt").read_text().split())
+    assert {f"hq_aligned/{name}" for name in per_face["face"]} <= held
+    assert not set(per_face.loc[per_face["split"] == "test", "face"]) & set(
+        per_face.loc[per_face["split"] == "validation", "face"]
+    )
+    manifest = json.loads((pack / "manifest.json").read_text())
+    assert manifest["splits"]["test"] == ["1"] and manifest["splits"]["validation"] == ["0"]
