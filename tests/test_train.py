@@ -438,7 +438,7 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytes
         data_dir=data,
         work_dir=tmp_path / "work",
         progress=False,
-        tune_faces=1,
+        tune_faces=2,
         eval_faces=2,
         scales=(0.5, 1.0),
     )
