@@ -93,13 +93,16 @@ def guided_step_x0(
     index: Tensor,
     eta: Tensor,
     config: DGSATrainConfig,
+    noise: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """x0 (B, 3, H, W) in [-1, 1], single-level targets, spaced indices (B,) >= 1 -> x0_{k−1} (B, 3, H, W).
 
-    Noise comes from torch's global RNG. Differentiable in DGSA's parameters only.
+    Noise (forward diffusion, DDIM step) is `noise` when given, else drawn from torch's global RNG.
+    Differentiable in DGSA's parameters only.
     """
+    q_noise, step_noise = noise if noise is not None else (torch.randn_like(x0), torch.randn_like(x0))
     t = diffusion.model_timesteps(index)
-    x_t = diffusion.q_sample(x0, index, torch.randn_like(x0))
+    x_t = diffusion.q_sample(x0, index, q_noise)
     if config.mode == "dps":
         with torch.enable_grad():
             x_in = x_t.detach().requires_grad_(True)
@@ -115,7 +118,7 @@ def guided_step_x0(
     else:
         raise ValueError(f"unknown guidance mode {config.mode!r}")
     out, x0_t, grad = out.detach(), x0_t.detach(), grad.detach()
-    x_prev = diffusion.ddim_step(x_t, index, out, torch.randn_like(x0), eta=eta).prev_sample
+    x_prev = diffusion.ddim_step(x_t, index, out, step_noise, eta=eta).prev_sample
     scale = dgsa(targets.targets[:, 0], x0_t, t)
     x_prev = x_prev - config.guidance_scale * scale * grad
     prev_index = index - 1
@@ -127,6 +130,16 @@ def dgsa_batch(
     nets: FrozenNets, diffusion: Diffusion, lq: Tensor, rng: np.random.Generator, eta_divisor: float
 ) -> tuple[GuidanceTargets, Tensor, Tensor]:
     """DBLM on lq (B, 3, H, W) in [0, 1] -> (single-level targets, spaced index (B,) >= 1, η (B,))."""
+    targets, k_start, eta = dgsa_targets(nets, diffusion, lq, eta_divisor)
+    index = torch.from_numpy(rng.integers(1, np.maximum(k_start, 1) + 1).astype(np.int64)).to(lq.device)
+    return targets, index, eta
+
+
+def dgsa_targets(
+    nets: FrozenNets, diffusion: Diffusion, lq: Tensor, eta_divisor: float
+) -> tuple[GuidanceTargets, np.ndarray, Tensor]:
+    """DBLM on lq (B, 3, H, W) in [0, 1] -> (single-level targets, spaced start index (B,) of the DSST
+    start, η (B,)); the trained step index is drawn from U{1 … start}."""
     dblm = run_dblm(
         lq,
         nets.rm,
@@ -141,9 +154,8 @@ def dgsa_batch(
     k_start = np.asarray(
         diffusion.index_for_timestep(dblm.targets.t_starts[:, 0].cpu().numpy()), dtype=np.int64
     )
-    index = torch.from_numpy(rng.integers(1, np.maximum(k_start, 1) + 1).astype(np.int64)).to(lq.device)
     eta = (to_reference_std(dblm.std_hat, nets.resolution) / eta_divisor).clamp(0, 1)
-    return dblm.targets, index, eta
+    return dblm.targets, k_start, eta
 
 
 def train_dgsa(

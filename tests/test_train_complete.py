@@ -1,0 +1,149 @@
+"""`train complete` on a random-weight base pack of the DifFace architecture at 64 px (the released
+file formats, few channels): the completed pack verifies and runs the full method, the base's files are
+untouched, a restart from a mid-stage checkpoint reaches the weights of an uninterrupted run, and the same
+global batch gives the same weights on one or two Ray Train workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_train import _write_faces
+
+from dynface.checkpoints import ChecksumError
+from dynface.core.config import RestoreConfig
+from dynface.models.swinir import build_swinir, small_params
+from dynface.models.unet import build_unet
+from dynface.packs.manifest import verify_pack
+from dynface.restorer import Restorer
+from dynface.train.complete import complete
+
+RES = 64
+DEGRADE = 128  # degradations made at 128 px instead of 512 keep the CPU test short
+DIFFACE_LIKE_UNET = {  # the DifFace prior's block structure (multi-depth res blocks, attention) in small
+    "image_size": RES,
+    "in_channels": 3,
+    "model_channels": 32,
+    "out_channels": 6,
+    "attention_resolutions": [16],
+    "dropout": 0,
+    "channel_mult": [1, 1, 2],
+    "num_res_blocks": [1, 1, 2],
+    "num_head_channels": 32,
+    "use_scale_shift_norm": True,
+    "resblock_updown": False,
+}
+QUICK = {"quick": True, "degrade_resolution": DEGRADE, "progress": False}
+
+
+def write_base_pack(folder: Path) -> Path:
+    """A DifFace-style base pack: prior and RM as torch pickles in the released formats (`module.`
+    keys on the prior), no sha256 pinned, no SE, no DGSA, no DSST; a manifest.yaml beside them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    unet = build_unet(DIFFACE_LIKE_UNET)
+    torch.save({f"module.{k}": v for k, v in unet.state_dict().items()}, folder / "prior.pth")
+    rm_cfg = small_params(RES, embed_dim=16, depths=(1,), num_heads=2, image_residual=True)
+    torch.save(build_swinir(rm_cfg).state_dict(), folder / "rm.pth")
+    manifest = {
+        "name": "base64",
+        "resolution": RES,
+        "std_range": [1.0 * RES / 512, 15.0 * RES / 512],
+        "components": {
+            "prior": {"file": "prior.pth", "sha256": None, "config": DIFFACE_LIKE_UNET},
+            "rm": {"file": "rm.pth", "sha256": None, "config": rm_cfg},
+        },
+        "sampler": {"respacing": "ddim10", "guidance_scale": 2.0, "fixed_std": 6.0, "batch_size": 4},
+    }
+    (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return folder
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_base_pack(tmp_path_factory.mktemp("base") / "base64")
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("faces")
+    _write_faces(folder / "generated", 6, DEGRADE)
+    return folder
+
+
+def _stage_weights(pack: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {c: load_file(str(pack / f"{c}.safetensors")) for c in ("tm", "sde", "dgsa")}
+
+
+def _check_full_method(pack: Path) -> None:
+    restorer = Restorer.from_pack(str(pack), overrides={"respacing": "ddim10"})
+    assert restorer.pack.se is not None and restorer.pack.dgsa is not None
+    rng = np.random.default_rng(3)
+    smooth = np.full((RES, RES, 3), 120, np.uint8)
+    noisy = rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+    results = restorer.restore([smooth, noisy])
+    assert [r.plan.std_source for r in results] == ["se", "se"]
+    stds = [r.std_hat for r in results]
+    fixed = RestoreConfig().merged({}).fixed_std * RES / 512
+    assert stds[0] != pytest.approx(stds[1]) and all(s != pytest.approx(fixed) for s in stds)
+
+
+def test_complete_on_generated_faces(base: Path, faces: Path, tmp_path: Path) -> None:
+    before = _hashes(base)
+    out = tmp_path / "out"
+    report = complete(
+        str(base), str(out), data=str(faces), checkpoint_uri=str(tmp_path / "ckpt"), checkpoint_every=1, **QUICK
+    )
+    assert report.finished and report.manifest_uri == f"{out}/manifest.json"
+    assert _hashes(base) == before  # the base pack is never modified
+    manifest = verify_pack(str(out))
+    data = json.loads((out / "manifest.json").read_text())
+    for name, file in (("prior", "prior.pth"), ("rm", "rm.pth")):  # referenced, not copied
+        assert data["components"][name]["file"] == f"file://{base / file}"
+        assert data["components"][name]["sha256"] == before[file]
+        assert not (out / file).exists()
+    assert set(manifest.components) == {"prior", "rm", "tm", "sde", "dgsa", "dsst"}
+    assert set(data["documents"]) == {"MODEL_CARD.md", "training.json"}
+    training = json.loads((out / "training.json").read_text())
+    assert {k: v["steps"] for k, v in training["stages"].items()} == {"sde": 3, "se": 3, "dgsa": 3}
+    assert training["data"]["faces"] == 6 and "fixed_std" not in data["sampler"]
+    assert "Not measured" in (out / "MODEL_CARD.md").read_text()
+    _check_full_method(out)
+    # A changed document fails verification.
+    (out / "training.json").write_text("{}")
+    with pytest.raises(ChecksumError, match="training.json"):
+        verify_pack(str(out))
+
+
+def test_restart_from_a_mid_stage_checkpoint_gives_the_same_weights(
+    base: Path, faces: Path, tmp_path: Path
+) -> None:
+    kw = {"data": str(faces), "checkpoint_every": 1, **QUICK}
+    whole = complete(str(base), str(tmp_path / "whole"), checkpoint_uri=str(tmp_path / "c1"), **kw)
+    ckpt = str(tmp_path / "c2")
+    stopped = complete(str(base), str(tmp_path / "split"), checkpoint_uri=ckpt, stop=("se", 1), **kw)
+    assert not stopped.finished and stopped.stopped == "se at step 1"
+    assert not (tmp_path / "split").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        complete(str(base), str(tmp_path / "split"), checkpoint_uri=ckpt, **kw)
+    resumed = complete(str(base), str(tmp_path / "split"), checkpoint_uri=ckpt, resume=True, **kw)
+    assert resumed.finished and whole.finished
+    a, b = _stage_weights(tmp_path / "whole"), _stage_weights(tmp_path / "split")
+    for comp in a:
+        for key in a[comp]:
+            torch.testing.assert_close(a[comp][key], b[comp][key], rtol=0, atol=0, msg=f"{comp}.{key}")
