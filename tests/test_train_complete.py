@@ -107,7 +107,12 @@ def test_complete_on_generated_faces(base: Path, faces: Path, tmp_path: Path) ->
     before = _hashes(base)
     out = tmp_path / "out"
     report = complete(
-        str(base), str(out), data=str(faces), checkpoint_uri=str(tmp_path / "ckpt"), checkpoint_every=1, **QUICK
+        str(base),
+        str(out),
+        data=str(faces),
+        checkpoint_uri=str(tmp_path / "ckpt"),
+        checkpoint_every=1,
+        **QUICK,
     )
     assert report.finished and report.manifest_uri == f"{out}/manifest.json"
     assert _hashes(base) == before  # the base pack is never modified
