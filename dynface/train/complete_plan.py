@@ -133,6 +133,24 @@ def parse_steps(items: list[str]) -> dict[str, int]:
     return out
 
 
+def parse_batches(items: list[str]) -> dict[str, int]:
+    """`--batch STAGE=N` values (global batch sizes)."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: expected STAGE=N")
+        out[_stage(name)] = int(value)
+    return out
+
+
+def memory_for(device: str, precision: str | None = None, *, checkpointing: bool = True) -> DGSAMemory:
+    """The DGSA step's memory options: bf16 autocast on CUDA unless `precision` says otherwise (fp32 on a
+    CPU, where bf16 convolutions are slow), gradient checkpointing of the frozen UNet on request."""
+    chosen = precision or ("bf16" if device.startswith("cuda") else "fp32")
+    return DGSAMemory(precision=chosen, checkpointing=checkpointing)
+
+
 @dataclass(frozen=True)
 class FaceListing:
     """The training faces of `--data`: their folder or URI prefix, the files relative to it, and a key
@@ -183,4 +201,3 @@ def default_checkpoints(out: str) -> str:
     `--resume` finds them; never inside the pack)."""
     ident = hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
     return str(Path(tempfile.gettempdir()) / "dynface_complete" / ident)
-
