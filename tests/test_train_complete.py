@@ -177,3 +177,53 @@ def test_one_and_two_ray_train_workers_give_the_same_weights(
         assert close >= 0.995, comp
         assert float((wa - wb).abs().mean()) < 1e-6, comp
     _check_full_method(tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_one_dgsa_step_through_the_full_size_difface_unet_with_checkpointing() -> None:
+    """The memory path at 512 px: one DGSA training step (forward and backward) through the 160 M-parameter
+    DifFace UNet with random weights, its blocks checkpointed; DGSA gets a finite gradient and the frozen
+    networks none. Closed-form guidance and an SE without TM keep it to two UNet passes on a CPU."""
+    from dynface.core.dsst import build_dsst_table
+    from dynface.models.dgsa import build_dgsa
+    from dynface.models.se import StdEstimator, build_sde
+    from dynface.packs.manifest import read_manifest
+    from dynface.packs.writer import power_law_psd
+    from dynface.train.dgsa import DGSATrainConfig, FrozenNets
+    from dynface.train.fresh_stages import DGSAMemory, dgsa_step_loss
+
+    configs = {name: spec.config for name, spec in read_manifest("difface").components.items()}
+    torch.manual_seed(0)
+    prior = build_unet(configs["prior"]).eval().requires_grad_(False)
+    dsst = build_dsst_table(
+        power_law_psd(512),
+        np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000)),
+        resolution=512,
+        std_min=1.0,
+        std_max=15.0,
+        std_step=0.5,
+    )
+    se = StdEstimator(build_sde({"width": 8, "num_stages": 2, "input_size": 64}), None)
+    nets = FrozenNets(
+        prior=prior, rm=torch.nn.Identity(), se=se, dsst=dsst, std_range=(1.0, 15.0), resolution=512
+    )
+    config = DGSATrainConfig(dgsa={"hidden": 8}, respacing="ddim250", mode="closed_form", guidance_scale=10.0)
+    model = build_dgsa(config.dgsa)
+    from dynface.train.fresh_stages import freeze
+
+    freeze(nets, "cpu")
+    from dynface.core.diffusion import Diffusion
+
+    gt = torch.rand(1, 3, 512, 512)
+    rngs = [np.random.default_rng(0)]
+    loss = dgsa_step_loss(
+        model, nets, Diffusion.create("ddim250"), config, gt, gt, rngs, memory=DGSAMemory(checkpointing=True)
+    )["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(
+        g.abs().sum() > 0 for g in grads
+    )
+    assert all(p.grad is None for p in prior.parameters())
+    assert not any(m.training for m in prior.modules())  # checkpointing left the prior as it was

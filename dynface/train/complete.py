@@ -18,7 +18,7 @@ import json
 import platform
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,11 @@ import torch
 from dynface.core.diffusion import linear_betas
 from dynface.core.dsst import DSSTTable, build_dsst_table, psd_and_count
 from dynface.core.dsst_files import write_file
+from dynface.models.se import StdEstimator, build_sde
 from dynface.packs.loading import load_pack
 from dynface.packs.manifest import PackManifest, resolve_pack
 from dynface.packs.writer import explicit_uri, write_pack
-from dynface.train.chain import Chain, ChainStages, run_chain
+from dynface.train.chain import Chain, ChainStages, run_chain, transfer_model
 from dynface.train.common import GradSync, LoopResult, load_checkpoint, state_exists
 from dynface.train.complete_plan import (
     STAGES,
@@ -42,13 +43,14 @@ from dynface.train.complete_plan import (
     list_training_faces,
 )
 from dynface.train.data import resize_bicubic
-from dynface.train.dgsa import dists_loss
+from dynface.train.dgsa import FrozenNets, dists_loss
 from dynface.train.fresh_pairs import face_array_file
 from dynface.train.fresh_stages import (
     DGSAMemory,
     Shard,
     StageRun,
     StageStopped,
+    dgsa_batch_size,
     train_dgsa_fresh,
     train_sde_fresh,
     train_se_fresh,
@@ -151,6 +153,23 @@ def build_dsst_from_faces(listing: FaceListing, plan: CompletePlan, *, limit: in
     )
 
 
+def auto_dgsa_batch(manifest: PackManifest, plan: CompletePlan, dsst: DSSTTable, device: str) -> int:
+    """The per-worker DGSA batch from free memory (fresh_stages.dgsa_batch_size), measured with the base's
+    networks and an untrained SE of the plan's configs (memory does not depend on the weights)."""
+    base = load_pack(manifest)
+    se = StdEstimator(build_sde(plan.sde.sde), transfer_model(base.rm, manifest.components["rm"].config))
+    nets = FrozenNets(
+        prior=base.prior,
+        rm=base.rm,
+        se=se,
+        dsst=dsst,
+        std_range=plan.std_range,
+        resolution=plan.resolution,
+        rm_flip_ensemble=plan.rm_flip_ensemble,
+    )
+    return dgsa_batch_size(nets, plan.dgsa, memory=plan.memory, device=device)
+
+
 def _run_record(job: CompleteJob) -> dict[str, Any]:
     return {
         "base": job.base.uri,
@@ -244,6 +263,9 @@ def complete(
     checkpoints = (checkpoint_uri or default_checkpoints(out)).rstrip("/")
     work = Path(checkpoints if "://" not in checkpoints else default_checkpoints(checkpoints)) / "work"
     dsst = build_dsst_from_faces(listing, plan)
+    if plan.dgsa.batch_size == 0:  # batch 0: the largest that fits this device, times the workers
+        per_worker = auto_dgsa_batch(manifest, plan, dsst, device)
+        plan = replace(plan, dgsa=replace(plan.dgsa, batch_size=per_worker * max(workers, 1)))
     job = CompleteJob(
         base=manifest,
         plan=plan,

@@ -313,3 +313,56 @@ def train_dgsa_fresh(
         )
 
     return run.train("dgsa", model, opt, loss_fn, steps=config.steps, lr=config.lr, warmup=config.warmup)
+
+
+def dgsa_step_peak(
+    nets: FrozenNets,
+    config: DGSATrainConfig,
+    batch: int,
+    *,
+    memory: DGSAMemory = DGSAMemory(),
+    device: str = "cpu",
+    seed: int = 0,
+) -> tuple[float, float]:
+    """(peak bytes, seconds) of one DGSA training step (forward and backward, no optimizer update) on
+    `batch` synthetic faces: what the memory model and the benchmark measure."""
+    import time
+
+    from dynface.core.memory import PeakMemory
+
+    freeze(nets, device)
+    torch.manual_seed(seed)
+    model = build_dgsa(config.dgsa).to(device)
+    diffusion = Diffusion.create(config.respacing)
+    res = nets.resolution
+    gen = torch.Generator().manual_seed(seed)
+    gt = torch.rand((batch, 3, res, res), generator=gen).to(device)
+    lq = (gt + 0.1 * torch.randn(gt.shape, generator=gen).to(device)).clamp(0, 1)
+    rngs = [np.random.default_rng([seed, row]) for row in range(batch)]
+    with PeakMemory(device) as peak:
+        start = time.perf_counter()
+        loss = dgsa_step_loss(model, nets, diffusion, config, lq, gt, rngs, memory=memory)["loss"]
+        loss.backward()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return float(peak.peak_bytes), seconds
+
+
+def dgsa_batch_size(
+    nets: FrozenNets,
+    config: DGSATrainConfig,
+    *,
+    memory: DGSAMemory = DGSAMemory(),
+    device: str = "cpu",
+    budget_fraction: float = 0.8,
+    max_batch: int = 64,
+) -> int:
+    """The largest per-worker DGSA batch that fits `budget_fraction` of the device's free memory: the
+    sampler's linear memory model (dynface.core.memory) fitted to one training step at batch 1 and 2."""
+    from dynface.core.memory import available_bytes, batch_size_for_budget
+
+    budget = int(available_bytes(device) * budget_fraction)
+    p1, _ = dgsa_step_peak(nets, config, 1, memory=memory, device=device)
+    p2, _ = dgsa_step_peak(nets, config, 2, memory=memory, device=device)
+    return batch_size_for_budget(p1, p2, budget, max_batch=max_batch).batch_size
