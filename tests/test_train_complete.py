@@ -136,10 +136,23 @@ def test_complete_on_generated_faces(base: Path, faces: Path, tmp_path: Path) ->
         verify_pack(str(out))
 
 
+def test_complete_on_the_shared_hq_faces(base: Path, data_dir: Path, tmp_path: Path) -> None:
+    """The shared data folder (MANIFEST.csv): the first training-split hq_aligned faces."""
+    out = tmp_path / "out"
+    report = complete(
+        str(base), str(out), data=str(data_dir), limit=8, checkpoint_uri=str(tmp_path / "ckpt"), **QUICK
+    )
+    assert report.finished
+    verify_pack(str(out))
+    training = json.loads((out / "training.json").read_text())
+    assert training["data"]["faces"] == 8 and training["data"]["chosen"].startswith("training split")
+    _check_full_method(out)
+
+
 def test_restart_from_a_mid_stage_checkpoint_gives_the_same_weights(
     base: Path, faces: Path, tmp_path: Path
 ) -> None:
-    kw = {"data": str(faces), "checkpoint_every": 1, **QUICK}
+    kw = {"data": str(faces), **QUICK}
     whole = complete(str(base), str(tmp_path / "whole"), checkpoint_uri=str(tmp_path / "c1"), **kw)
     ckpt = str(tmp_path / "c2")
     stopped = complete(str(base), str(tmp_path / "split"), checkpoint_uri=ckpt, stop=("se", 1), **kw)
