@@ -112,7 +112,6 @@ def test_complete_on_generated_faces(base: Path, faces: Path, tmp_path: Path) ->
         str(out),
         data=str(faces),
         checkpoint_uri=str(tmp_path / "ckpt"),
-        checkpoint_every=1,
         **QUICK,
     )
     assert report.finished and report.manifest_uri == f"{out}/manifest.json"
