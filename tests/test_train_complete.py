@@ -17,6 +17,7 @@ from pipeline_fixtures import *  # noqa: F403 - the shared fixture local_ray
 from safetensors.torch import load_file
 from test_train import _write_faces
 
+from app.cli import main
 from dynface.checkpoints import ChecksumError
 from dynface.core.config import RestoreConfig
 from dynface.models.swinir import build_swinir, small_params
@@ -135,16 +136,21 @@ def test_complete_on_generated_faces(base: Path, faces: Path, tmp_path: Path) ->
         verify_pack(str(out))
 
 
-def test_complete_on_the_shared_hq_faces(base: Path, data_dir: Path, tmp_path: Path) -> None:
-    """The shared data folder (MANIFEST.csv): the first training-split hq_aligned faces."""
+def test_complete_on_the_shared_hq_faces_from_the_command_line(
+    base: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dynface train complete` on the shared data folder (MANIFEST.csv): the first 8 faces of its
+    training split, 2 steps per stage."""
     out = tmp_path / "out"
-    report = complete(
-        str(base), str(out), data=str(data_dir), limit=8, checkpoint_uri=str(tmp_path / "ckpt"), **QUICK
-    )
-    assert report.finished
+    argv = ["train", "complete", str(base), str(out), "--data", str(data_dir), "--limit", "8", "--quick"]
+    argv += ["--steps", "2", "--degrade-resolution", str(DEGRADE), "--checkpoint-uri", str(tmp_path / "c")]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["finished"] and printed["manifest_uri"] == f"{out}/manifest.json"
     verify_pack(str(out))
     training = json.loads((out / "training.json").read_text())
     assert training["data"]["faces"] == 8 and training["data"]["chosen"].startswith("training split")
+    assert {k: v["steps"] for k, v in training["stages"].items()} == {"sde": 2, "se": 2, "dgsa": 2}
     _check_full_method(out)
 
 
