@@ -17,14 +17,25 @@ from pipeline_fixtures import *  # noqa: F403 - the shared fixture local_ray
 from safetensors.torch import load_file
 from test_train import _write_faces
 
+import dynface.core.memory as memory_module
+import dynface.models.unet as unet_module
+import dynface.train.fresh_stages as stages
 from app.cli import main
 from dynface.checkpoints import ChecksumError
 from dynface.core.config import RestoreConfig
+from dynface.core.diffusion import Diffusion
+from dynface.core.dsst import build_dsst_table
+from dynface.models.dgsa import build_dgsa
+from dynface.models.se import StdEstimator, build_sde
 from dynface.models.swinir import build_swinir, small_params
 from dynface.models.unet import build_unet
-from dynface.packs.manifest import verify_pack
+from dynface.packs.loading import load_pack
+from dynface.packs.manifest import read_manifest, verify_pack
+from dynface.packs.writer import power_law_psd
 from dynface.restorer import Restorer
 from dynface.train.complete import complete
+from dynface.train.dgsa import DGSATrainConfig, FrozenNets
+from dynface.train.fresh_stages import DGSAMemory, dgsa_step_loss, freeze
 
 RES = 64
 DEGRADE = 128  # degradations made at 128 px instead of 512 keep the CPU test short
@@ -202,13 +213,6 @@ def test_one_dgsa_step_through_the_full_size_difface_unet_with_checkpointing() -
     """The memory path at 512 px: one DGSA training step (forward and backward) through the 160 M-parameter
     DifFace UNet with random weights, its blocks checkpointed; DGSA gets a finite gradient and the frozen
     networks none. Closed-form guidance and an SE without TM keep it to two UNet passes on a CPU."""
-    from dynface.core.dsst import build_dsst_table
-    from dynface.models.dgsa import build_dgsa
-    from dynface.models.se import StdEstimator, build_sde
-    from dynface.packs.manifest import read_manifest
-    from dynface.packs.writer import power_law_psd
-    from dynface.train.dgsa import DGSATrainConfig, FrozenNets
-    from dynface.train.fresh_stages import DGSAMemory, dgsa_step_loss
 
     configs = {name: spec.config for name, spec in read_manifest("difface").components.items()}
     torch.manual_seed(0)
@@ -227,11 +231,7 @@ def test_one_dgsa_step_through_the_full_size_difface_unet_with_checkpointing() -
     )
     config = DGSATrainConfig(dgsa={"hidden": 8}, respacing="ddim250", mode="closed_form", guidance_scale=10.0)
     model = build_dgsa(config.dgsa)
-    from dynface.train.fresh_stages import freeze
-
     freeze(nets, "cpu")
-    from dynface.core.diffusion import Diffusion
-
     gt = torch.rand(1, 3, 512, 512)
     rngs = [np.random.default_rng(0)]
     loss = dgsa_step_loss(
@@ -245,3 +245,68 @@ def test_one_dgsa_step_through_the_full_size_difface_unet_with_checkpointing() -
     )
     assert all(p.grad is None for p in prior.parameters())
     assert not any(m.training for m in prior.modules())  # checkpointing left the prior as it was
+
+
+def _small_nets(base: Path) -> FrozenNets:
+
+    pack = load_pack(str(base))
+    lo, hi = pack.manifest.std_range
+    dsst = build_dsst_table(
+        power_law_psd(RES),
+        np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000)),
+        resolution=RES,
+        std_min=lo,
+        std_max=hi,
+        std_step=0.125,
+    )
+    torch.manual_seed(0)
+    se = StdEstimator(
+        build_sde({"width": 8, "num_stages": 2, "input_size": RES, "std_min": lo, "std_max": hi})
+    )
+    return FrozenNets(prior=pack.prior, rm=pack.rm, se=se, dsst=dsst, std_range=(lo, hi), resolution=RES)
+
+
+def test_dgsa_step_checkpoints_the_frozen_unet_and_runs_in_bf16(base: Path, monkeypatch) -> None:
+    """Checkpointing recomputes every UNet block in the backward and changes no gradient; bf16 autocast
+    gives a finite loss near fp32's; the prior is left in eval mode."""
+
+    nets = _small_nets(base)
+    freeze(nets, "cpu")
+    config = DGSATrainConfig(dgsa={"hidden": 8}, respacing="ddim10", mode="dps", guidance_scale=2.0)
+    gt = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = unet_module.checkpoint
+    monkeypatch.setattr(unet_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def step(memory: DGSAMemory) -> tuple[float, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = build_dgsa(config.dgsa)
+        rngs = [np.random.default_rng([0, r]) for r in range(2)]
+        loss = dgsa_step_loss(model, nets, Diffusion.create("ddim10"), config, gt, gt, rngs, memory=memory)
+        loss["loss"].backward()
+        return float(loss["loss"].detach()), [p.grad.clone() for p in model.parameters()]
+
+    plain_loss, plain = step(DGSAMemory())
+    assert not calls
+    ckpt_loss, ckpt = step(DGSAMemory(checkpointing=True))
+    blocks = sum(
+        isinstance(m, (unet_module.ResBlock, unet_module.AttentionBlock)) for m in nets.prior.modules()
+    )
+    assert len(calls) == 2 * blocks  # both UNet passes with a gradient (DPS guidance, DGSA's step)
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not any(m.training for m in nets.prior.modules())
+    bf16_loss, bf16 = step(DGSAMemory(precision="bf16", checkpointing=True))
+    assert np.isfinite(bf16_loss) and bf16_loss == pytest.approx(plain_loss, rel=0.1)
+    assert all(torch.isfinite(g).all() for g in bf16)
+
+
+def test_dgsa_batch_from_free_memory(base: Path, monkeypatch) -> None:
+    """The memory model: peaks at batch 1 and 2 give the per-sample cost; the batch fills the budget."""
+
+    peaks = {1: 3e9, 2: 4e9}  # 2 GB fixed + 1 GB per face
+    monkeypatch.setattr(stages, "dgsa_step_peak", lambda nets, config, batch, **kw: (peaks[batch], 1.0))
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device: int(25e9))
+    size = stages.dgsa_batch_size(_small_nets(base), DGSATrainConfig(dgsa={"hidden": 8}), budget_fraction=0.8)
+    assert size == 18  # (0.8 · 25 GB − 2 GB) / 1 GB

@@ -16,6 +16,7 @@ from dynface.packs.manifest import PackManifest
 from dynface.train.data import IMAGE_EXTS, FaceFile, list_faces, split_faces
 from dynface.train.dgsa import DGSATrainConfig
 from dynface.train.fresh_stages import DGSAMemory
+from dynface.train.plan import parse_stage_values
 from dynface.train.sde import SDETrainConfig
 from dynface.train.se import SETrainConfig
 
@@ -134,14 +135,8 @@ def parse_steps(items: list[str]) -> dict[str, int]:
 
 
 def parse_batches(items: list[str]) -> dict[str, int]:
-    """`--batch STAGE=N` values (global batch sizes)."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"{item!r}: expected STAGE=N")
-        out[_stage(name)] = int(value)
-    return out
+    """`--batch STAGE=N` values (global batch sizes; 0 for DGSA: the largest that fits)."""
+    return {_stage(name): value for name, value in parse_stage_values(items, int).items()}
 
 
 def memory_for(device: str, precision: str | None = None, *, checkpointing: bool = True) -> DGSAMemory:
