@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynface.core.diffusion import linear_betas
-from dynface.core.dsst import DSSTTable, build_dsst_table, psd_and_count
-from dynface.core.dsst_files import write_file
+from dynface.core.dsst import DSSTTable
+from dynface.core.dsst_files import pack_dsst_table, write_file
 from dynface.models.se import StdEstimator, build_sde
 from dynface.packs.loading import load_pack
 from dynface.packs.manifest import PackManifest, resolve_pack
@@ -138,19 +137,8 @@ def build_dsst_from_faces(listing: FaceListing, plan: CompletePlan, *, limit: in
     faces = np.load(face_array_file(listing.root, listing.faces, plan.degrade_resolution), mmap_mode="r")
     n = min(limit, faces.shape[0])
     images = (resize_bicubic(faces[i].astype(np.float32) / 255.0, plan.resolution) for i in range(n))
-    psd, count = psd_and_count(images)
-    lo, hi = plan.std_range
-    return build_dsst_table(
-        psd,
-        np.cumprod(1.0 - linear_betas()),
-        resolution=plan.resolution,
-        std_min=lo,
-        std_max=hi,
-        std_step=0.1 * plan.resolution / 512,
-        tol=None,
-        n_images=count,
-        source=f"{count} training faces of {listing.root} ({listing.note})",
-    )
+    source = f"{n} training faces of {listing.root} ({listing.note})"
+    return pack_dsst_table(images, resolution=plan.resolution, std_range=plan.std_range, source=source)
 
 
 def auto_dgsa_batch(manifest: PackManifest, plan: CompletePlan, dsst: DSSTTable, device: str) -> int:
@@ -400,4 +388,3 @@ def render_complete_card(base: PackManifest, training: dict[str, Any]) -> str:
 
 def report_json(report: CompleteReport) -> dict[str, Any]:
     return asdict(report)
-

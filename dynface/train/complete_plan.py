@@ -71,15 +71,7 @@ def complete_plan(
             std_range=(lo, hi),
             sde=SDETrainConfig(sde=sde_net, steps=3, batch_size=2, warmup=1),
             se=SETrainConfig(std_range=(lo, hi), steps=3, batch_size=2, warmup=1, grid_size=5, calib_pairs=4),
-            dgsa=DGSATrainConfig(
-                dgsa={"hidden": 8},
-                steps=3,
-                batch_size=2,
-                warmup=1,
-                respacing=str(sampler.get("respacing", "ddim250")),
-                mode=str(sampler.get("mode", "dps")),
-                guidance_scale=float(sampler.get("guidance_scale", 1.0)),
-            ),
+            dgsa=_dgsa_config(sampler, hidden=8, steps=3, batch_size=2, lr=1e-3, warmup=1),
             rm_flip_ensemble=bool(sampler.get("rm_flip_ensemble", False)),
             degrade_resolution=degrade_resolution,
             memory=memory or DGSAMemory(),
@@ -93,16 +85,7 @@ def complete_plan(
             std_range=(lo, hi),
             sde=SDETrainConfig(sde=sde_net, steps=20000, batch_size=32, lr=1e-3, warmup=500),
             se=SETrainConfig(std_range=(lo, hi), steps=20000, batch_size=8, lr=1e-4, warmup=500),
-            dgsa=DGSATrainConfig(
-                dgsa={"hidden": 64},
-                steps=10000,
-                batch_size=4,
-                lr=1e-4,
-                warmup=200,
-                respacing=str(sampler.get("respacing", "ddim250")),
-                mode=str(sampler.get("mode", "dps")),
-                guidance_scale=float(sampler.get("guidance_scale", 1.0)),
-            ),
+            dgsa=_dgsa_config(sampler, hidden=64, steps=10000, batch_size=4, lr=1e-4, warmup=200),
             rm_flip_ensemble=bool(sampler.get("rm_flip_ensemble", False)),
             degrade_resolution=degrade_resolution,
             memory=memory or DGSAMemory(),
@@ -112,6 +95,17 @@ def complete_plan(
     for name, value in (batch_sizes or {}).items():
         plan = replace(plan, **{_stage(name): replace(getattr(plan, name), batch_size=int(value))})
     return plan
+
+
+def _dgsa_config(sampler: Mapping[str, Any], *, hidden: int, **train: Any) -> DGSATrainConfig:
+    """DGSA trains the step the pack deploys: the base's respacing, guidance mode and ζ."""
+    return DGSATrainConfig(
+        dgsa={"hidden": hidden},
+        respacing=str(sampler.get("respacing", "ddim250")),
+        mode=str(sampler.get("mode", "dps")),
+        guidance_scale=float(sampler.get("guidance_scale", 1.0)),
+        **train,
+    )
 
 
 def _stage(name: str) -> str:

@@ -158,6 +158,20 @@ def dgsa_targets(
     return dblm.targets, k_start, eta
 
 
+def dgsa_loss(
+    x0_prev: Tensor, x0: Tensor, config: DGSATrainConfig, perceptual: Perceptual | None = None
+) -> dict[str, Tensor]:
+    """Σ_b γ_b ‖SWT(x0_{k−1})_b − SWT(x0)_b‖₁ (+ w·DISTS when `perceptual`), with its terms for the log."""
+    swt = swt_l1_loss(x0_prev, x0, config.gammas)
+    terms = {"swt": swt.detach()}
+    loss = swt
+    if perceptual is not None:
+        p = perceptual(x0_prev, x0)
+        terms["perceptual"] = p.detach()
+        loss = loss + config.perceptual_weight * p
+    return {"loss": loss, **terms}
+
+
 def train_dgsa(
     images: np.ndarray,
     out_dir: Path | str,
@@ -182,14 +196,7 @@ def train_dgsa(
         x0 = to_tensor_batch(gt, dev) * 2 - 1
         targets, index, eta = dgsa_batch(nets, diffusion, to_tensor_batch(lq, dev), rng, config.eta_divisor)
         x0_prev = guided_step_x0(model, nets, diffusion, x0, targets, index, eta, config)
-        swt = swt_l1_loss(x0_prev, x0, config.gammas)
-        terms = {"swt": swt.detach()}
-        loss = swt
-        if perceptual is not None:
-            p = perceptual(x0_prev, x0)
-            terms["perceptual"] = p.detach()
-            loss = loss + config.perceptual_weight * p
-        return {"loss": loss, **terms}
+        return dgsa_loss(x0_prev, x0, config, perceptual)
 
     return train_loop(
         name="dgsa",

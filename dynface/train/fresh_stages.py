@@ -35,6 +35,7 @@ from dynface.train.dgsa import (
     DGSATrainConfig,
     FrozenNets,
     Perceptual,
+    dgsa_loss,
     dgsa_targets,
     guided_step_x0,
 )
@@ -50,7 +51,6 @@ from dynface.train.se import (
     std_grid,
     std_star,
 )
-from dynface.train.swt import swt_l1_loss
 
 STREAMS = {"sde": 1, "se": 2, "se_calibration": 3, "dgsa": 4}  # one data stream per stage
 PRECISIONS = ("fp32", "bf16")
@@ -270,15 +270,7 @@ def dgsa_step_loss(
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast, checkpointed_blocks(nets.prior, memory.checkpointing):
         x0_prev = guided_step_x0(model, nets, diffusion, x0, targets, index, eta, config, noise=noise)
-    x0_prev = x0_prev.float()
-    swt = swt_l1_loss(x0_prev, x0, config.gammas)
-    terms = {"swt": swt.detach()}
-    loss = swt
-    if perceptual is not None:
-        p = perceptual(x0_prev, x0)
-        terms["perceptual"] = p.detach()
-        loss = loss + config.perceptual_weight * p
-    return {"loss": loss, **terms}
+    return dgsa_loss(x0_prev.float(), x0, config, perceptual)
 
 
 def freeze(nets: FrozenNets, device: str) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynface.core.diffusion import linear_betas
-from dynface.core.dsst import DSSTTable, build_dsst_table, mean_power_spectrum
+from dynface.core.dsst import DSSTTable
+from dynface.core.dsst_files import pack_dsst_table
 from dynface.core.dsst_plot import plot_dsst_table
 from dynface.packs.writer import write_pack
 from dynface.paths import shared_dir
@@ -142,19 +142,7 @@ def run_recipe_chain(plan: StarterPlan, prior: nn.Module, rm: nn.Module, stages:
 
 def build_starter_dsst(images: np.ndarray, plan: StarterPlan, *, source: str) -> DSSTTable:
     """DSST table from the training faces' mean PSD at the pack resolution, tol calibrated (tol=None)."""
-    psd = mean_power_spectrum(iter(images))
-    lo, hi = plan.std_range
-    return build_dsst_table(
-        psd,
-        np.cumprod(1.0 - linear_betas()),
-        resolution=plan.resolution,
-        std_min=lo,
-        std_max=hi,
-        std_step=0.1 * plan.resolution / 512,
-        tol=None,
-        n_images=int(images.shape[0]),
-        source=source,
-    )
+    return pack_dsst_table(iter(images), resolution=plan.resolution, std_range=plan.std_range, source=source)
 
 
 @dataclass(frozen=True, eq=False)
