@@ -107,6 +107,15 @@ class LoopResult:
     history: dict[str, list[float]]
     stopped_by: str  # "steps" | "budget" | "stop_after"
 
+    def summary(self) -> dict[str, Any]:
+        """What a training record keeps of a stage: steps, seconds, why it stopped, final losses."""
+        return {
+            "steps": self.step,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "stopped_by": self.stopped_by,
+            "final": {k: round(self.final(k), 6) for k in sorted(self.history)},
+        }
+
     def final(self, key: str = "loss", window: int = 50) -> float:
         """Mean of the last `window` logged values of `key` (nan if none)."""
         vals = self.history.get(key, [])[-window:]

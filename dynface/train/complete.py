@@ -32,7 +32,7 @@ from dynface.packs.loading import load_pack
 from dynface.packs.manifest import PackManifest, resolve_pack
 from dynface.packs.writer import explicit_uri, write_pack
 from dynface.train.chain import Chain, ChainStages, run_chain, transfer_model
-from dynface.train.common import GradSync, LoopResult, load_checkpoint, state_exists
+from dynface.train.common import GradSync, load_checkpoint, state_exists
 from dynface.train.complete_plan import (
     STAGES,
     CompletePlan,
@@ -191,15 +191,6 @@ def _check_or_write_run(job: CompleteJob, resume: bool) -> None:
     write_file(uri, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def stage_summary(result: LoopResult) -> dict[str, Any]:
-    return {
-        "steps": result.step,
-        "elapsed_s": round(result.elapsed_s, 1),
-        "stopped_by": result.stopped_by,
-        "final": {k: round(result.final(k), 6) for k in sorted(result.history)},
-    }
-
-
 def _finished(job: CompleteJob) -> tuple[bool, str | None]:
     """Whether every stage's checkpoint reached its step count (after a data-parallel run)."""
     for name in STAGES:
@@ -281,7 +272,7 @@ def complete(
     except StageStopped as stopped:
         where = f"{stopped.stage} at step {stopped.step}"
         return CompleteReport(None, False, where, {}, checkpoints, time.perf_counter() - started)
-    stages = {name: stage_summary(getattr(chain, name) if name != "se" else chain.se.loop) for name in STAGES}
+    stages = {name: (chain.se.loop if name == "se" else getattr(chain, name)).summary() for name in STAGES}
     uri = write_completed_pack(out, job, chain, stages, workers=workers, device=device)
     return CompleteReport(uri, True, None, stages, checkpoints, time.perf_counter() - started)
 

@@ -84,12 +84,7 @@ class StarterReport:
 
 
 def _stage_summary(result: LoopResult) -> dict[str, Any]:
-    return {
-        "steps": result.step,
-        "elapsed_s": round(result.elapsed_s, 1),
-        "stopped_by": result.stopped_by,
-        "final": {k: round(result.final(k), 6) for k in sorted(result.history)},
-    }
+    return result.summary()
 
 
 def reused_prior(pack_dir: Path, plan: StarterPlan) -> tuple[LoopResult, dict[str, Any]]:
