@@ -29,8 +29,7 @@ from dynface.train.common import (
     LoopResult,
     seed_everything,
     to_tensor_batch,
-    train_loop,
-    warmup_cosine,
+    train_stage,
 )
 from dynface.train.data import PairPool, draw_pairs
 from dynface.train.swt import swt_l1_loss
@@ -198,12 +197,4 @@ def train_dgsa(
         x0_prev = guided_step_x0(model, nets, diffusion, x0, targets, index, eta, config)
         return dgsa_loss(x0_prev, x0, config, perceptual)
 
-    return train_loop(
-        name="dgsa",
-        model=model,
-        optimizer=opt,
-        loss_fn=loss_fn,
-        out_dir=Path(out_dir),
-        config=config.loop_config(),
-        lr_at=warmup_cosine(config.lr, warmup=config.warmup, total=config.steps),
-    )
+    return train_stage("dgsa", model, opt, loss_fn, out_dir, config)
