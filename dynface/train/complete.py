@@ -160,7 +160,6 @@ def auto_dgsa_batch(manifest: PackManifest, plan: CompletePlan, dsst: DSSTTable,
 
 def _run_record(job: CompleteJob) -> dict[str, Any]:
     return {
-        "base": job.base.uri,
         "base_files": {k: v for k, v in job.base.sha256s().items() if k in ("prior", "rm")},
         "data": job.listing.root,
         "faces": len(job.listing.faces),

@@ -13,6 +13,7 @@ the number of workers changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,7 +41,7 @@ def face_array_file(
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # workers on one node may build it at once
     arr = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=np.uint8, shape=(len(faces), resolution, resolution, 3)
     )
