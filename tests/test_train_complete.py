@@ -310,3 +310,21 @@ def test_dgsa_batch_from_free_memory(base: Path, monkeypatch) -> None:
     monkeypatch.setattr(memory_module, "available_bytes", lambda device: int(25e9))
     size = stages.dgsa_batch_size(_small_nets(base), DGSATrainConfig(dgsa={"hidden": 8}), budget_fraction=0.8)
     assert size == 18  # (0.8 · 25 GB − 2 GB) / 1 GB
+
+
+def test_the_train_complete_flow(base: Path, faces: Path, tmp_path: Path, prefect_api) -> None:
+    from flows.train import train_complete_flow
+
+    out = tmp_path / "out"
+    result = train_complete_flow(
+        base=str(base),
+        out=str(out),
+        data=str(faces),
+        steps={"sde": 1, "se": 1, "dgsa": 1},
+        quick=True,
+        degrade_resolution=DEGRADE,
+        checkpoint_uri=str(tmp_path / "c"),
+    )
+    assert result["finished"] and result["manifest_uri"] == f"{out}/manifest.json"
+    assert {k: v["steps"] for k, v in result["stages"].items()} == {"sde": 1, "se": 1, "dgsa": 1}
+    verify_pack(str(out))
