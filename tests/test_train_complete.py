@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from make_bad_inputs import synthetic_face
+from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixture local_ray
 from safetensors.torch import load_file
 from test_train import _write_faces
@@ -209,7 +211,7 @@ def test_one_and_two_ray_train_workers_give_the_same_weights(
 
 
 @pytest.mark.slow
-def test_one_dgsa_step_through_the_full_size_difface_unet_with_checkpointing() -> None:
+def test_one_dgsa_step_through_the_full_size_difface_unet_with_checkpointing(monkeypatch) -> None:
     """The memory path at 512 px: one DGSA training step (forward and backward) through the 160 M-parameter
     DifFace UNet with random weights, its blocks checkpointed; DGSA gets a finite gradient and the frozen
     networks none. Closed-form guidance and an SE without TM keep it to two UNet passes on a CPU."""
@@ -232,6 +234,9 @@ def test_one_dgsa_step_through_the_full_size_difface_unet_with_checkpointing() -
     config = DGSATrainConfig(dgsa={"hidden": 8}, respacing="ddim250", mode="closed_form", guidance_scale=10.0)
     model = build_dgsa(config.dgsa)
     freeze(nets, "cpu")
+    calls = []
+    real = unet_module.checkpoint
+    monkeypatch.setattr(unet_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     gt = torch.rand(1, 3, 512, 512)
     rngs = [np.random.default_rng(0)]
     loss = dgsa_step_loss(
@@ -244,6 +249,8 @@ def test_one_dgsa_step_through_the_full_size_difface_unet_with_checkpointing() -
         g.abs().sum() > 0 for g in grads
     )
     assert all(p.grad is None for p in prior.parameters())
+    blocks = sum(isinstance(m, (unet_module.ResBlock, unet_module.AttentionBlock)) for m in prior.modules())
+    assert len(calls) == blocks  # DGSA's pass through the UNet kept only the blocks' inputs
     assert not any(m.training for m in prior.modules())  # checkpointing left the prior as it was
 
 
@@ -328,3 +335,31 @@ def test_the_train_complete_flow(base: Path, faces: Path, tmp_path: Path, prefec
     assert result["finished"] and result["manifest_uri"] == f"{out}/manifest.json"
     assert {k: v["steps"] for k, v in result["stages"].items()} == {"sde": 1, "se": 1, "dgsa": 1}
     verify_pack(str(out))
+
+
+@pytest.mark.slow
+def test_restore_with_the_completed_pack_records_se_estimates(
+    base: Path, faces: Path, tmp_path: Path, prefect_api, local_ray, capsys
+) -> None:
+    """`dynface restore --pack OUT`: the catalog's std* comes from SE for every face and varies with the
+    input (never the fixed_std fallback of the base pack)."""
+    from catalogs import Catalog
+
+    out = tmp_path / "pack"
+    assert complete(
+        str(base), str(out), data=str(faces), checkpoint_uri=str(tmp_path / "c"), **QUICK
+    ).finished
+    src = tmp_path / "crops"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    Image.fromarray(synthetic_face(128)).save(src / "face.png")
+    Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(src / "noise.png")
+    dest = tmp_path / "restored"
+    run = ["--option", "respacing=ddim10", "--shard-size", "1"]
+    assert main(["restore", str(src), str(dest), "--pack", str(out), "--aligned", *run]) == 0, (
+        capsys.readouterr()
+    )
+    rows = Catalog(str(dest / "catalog")).read("faces")
+    assert len(rows) == 2 and set(rows["status"]) == {"ok"}
+    assert set(rows["std_source"]) == {"se"}
+    assert rows["std_hat"].nunique() == 2
