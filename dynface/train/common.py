@@ -397,8 +397,10 @@ def train_stage(
     loss_fn: LossFn,
     out_dir: str | Path,
     config: StageConfig,
+    **options: Any,
 ) -> LoopResult:
-    """`train_loop` with the stage config's loop settings and its warm-up + cosine learning rate."""
+    """`train_loop` with the stage config's loop settings and its warm-up + cosine learning rate;
+    `options`: train_loop's checkpoint_uri, grad_sync, writes."""
     return train_loop(
         name=name,
         model=model,
@@ -407,4 +409,5 @@ def train_stage(
         out_dir=Path(out_dir),
         config=config.loop_config(),
         lr_at=warmup_cosine(config.lr, warmup=config.warmup, total=config.steps),
+        **options,
     )

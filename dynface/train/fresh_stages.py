@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,7 @@ from dynface.train.common import (
     LoopConfig,
     LoopResult,
     seed_everything,
-    train_loop,
-    warmup_cosine,
+    train_stage,
 )
 from dynface.train.dgsa import (
     DGSATrainConfig,
@@ -52,6 +51,7 @@ from dynface.train.se import (
     std_star,
 )
 
+StageTrainConfig = SDETrainConfig | SETrainConfig | DGSATrainConfig
 STREAMS = {"sde": 1, "se": 2, "se_calibration": 3, "dgsa": 4}  # one data stream per stage
 PRECISIONS = ("fp32", "bf16")
 
@@ -139,19 +139,17 @@ class StageRun:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[np.random.Generator, int], dict[str, Tensor]],
-        *,
-        steps: int,
-        lr: float,
-        warmup: int,
+        config: StageTrainConfig,
     ) -> LoopResult:
-        result = train_loop(
-            name=stage,
-            model=model,
-            optimizer=optimizer,
-            loss_fn=loss_fn,
-            out_dir=self.work / stage,
-            config=self.loop(stage, steps),
-            lr_at=warmup_cosine(lr, warmup=warmup, total=max(steps, 1)),
+        """`train_stage` with this run's loop, checkpoint URI and gradient averaging; raises
+        StageStopped when the stage ends before its last step."""
+        result = train_stage(
+            stage,
+            model,
+            optimizer,
+            loss_fn,
+            self.work / stage,
+            replace(config, loop=self.loop(stage, config.steps)),
             checkpoint_uri=f"{self.checkpoints.rstrip('/')}/{stage}/last.pt",
             grad_sync=self.grad_sync,
             writes=self.shard.rank == 0,
@@ -184,7 +182,7 @@ def train_sde_fresh(run: StageRun, config: SDETrainConfig) -> LoopResult:
         std = std.to(run.device)
         return sde_loss(model, gaussian_blur(gt, std), std)
 
-    return run.train("sde", model, opt, loss_fn, steps=config.steps, lr=config.lr, warmup=config.warmup)
+    return run.train("sde", model, opt, loss_fn, config)
 
 
 @torch.no_grad()
@@ -219,7 +217,7 @@ def train_se_fresh(
         star = std_star(restored_psnr(rm, lq, gt, grid), grid, tau)
         return se_loss(se, lq, gt, star, config.std_weight)
 
-    loop = run.train("se", se, opt, loss_fn, steps=config.steps, lr=config.lr, warmup=config.warmup)
+    loop = run.train("se", se, opt, loss_fn, config)
     return SEResult(loop=loop, se=loop.model, tau=tau, label_quantiles=quantiles)  # type: ignore[arg-type]
 
 
@@ -304,7 +302,7 @@ def train_dgsa_fresh(
             model, nets, diffusion, config, lq, gt, rngs, memory=memory, perceptual=perceptual
         )
 
-    return run.train("dgsa", model, opt, loss_fn, steps=config.steps, lr=config.lr, warmup=config.warmup)
+    return run.train("dgsa", model, opt, loss_fn, config)
 
 
 def dgsa_step_peak(
