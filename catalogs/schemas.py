@@ -7,7 +7,7 @@ Each field may carry metadata that states its contract, checked by `conform_tabl
 `doc` (what it means), `unit` (of a measured value), `allowed` (comma-separated values), `length`
 (fixed list length) and `format` (`json` or `sha256`). Non-nullable fields are the keys a resume or
 a join relies on.
-The partition column `run_id` lives in the folder names (`run_id=.../`), not inside part files.
+Each table is a Delta table (catalogs/store.py); `run_id` is an ordinary column of every row.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 TableName = Literal["runs", "images", "faces", "reviews", "publications"]
 TABLE_NAMES: tuple[TableName, ...] = ("runs", "images", "faces", "reviews", "publications")
-PARTITION_COLUMN = "run_id"
+PARTITION_COLUMN = "run_id"  # the run column (a folder partition in the legacy layout)
 
 IMAGE_STATUSES: tuple[str, ...] = ("ok", "no_face", "failed", "skipped")
 # A curator's verdict on one restored face: publish it, keep the source pixels, or decide later.
@@ -43,7 +43,7 @@ def _f(name: str, type_: pa.DataType, doc: str, *, nullable: bool = True, **rule
 
 
 def _run_id() -> pa.Field:
-    return _f("run_id", pa.string(), "run that wrote the row (partition column)", nullable=False)
+    return _f("run_id", pa.string(), "run that wrote the row", nullable=False)
 
 
 def _config_hash() -> pa.Field:
