@@ -110,7 +110,9 @@ def test_outputs_and_catalog_rows_are_on_s3(first_run, photos, s3fs_client):
     assert not fs.exists("restored/run1/restored/2019/index.txt")
     assert listing(fs, "restored/run1/.work") == {}  # the work folder is removed after success
     commits = Catalog(f"{DEST}/catalog").delta_table("images").history()
-    appends = [c for c in commits if c["operation"] == "WRITE" and c.get("dynface.run_id") == first_run.run_id]
+    appends = [
+        c for c in commits if c["operation"] == "WRITE" and c.get("dynface.run_id") == first_run.run_id
+    ]
     assert len(appends) == 2  # one images append per shard (3 + 1 images)
 
     catalog = Catalog(f"{DEST}/catalog")
