@@ -5,7 +5,9 @@
                     [--option key=value ...]
     dynface review CATALOG_URI [--run RUN_ID] [--port 8765] [--reviewer NAME]
     dynface publish CATALOG_URI DEST [--require-review] [--run RUN_ID]
-    dynface catalog sql CATALOG_URI "SELECT ..."
+    dynface catalog sql CATALOG_URI "SELECT ..." [--as-of VERSION]
+    dynface catalog compact|history CATALOG_URI; dynface catalog vacuum CATALOG_URI [--retain-hours H]
+    dynface catalog migrate OLD_URI NEW_URI
     dynface pack random DIR [--resolution 32]
     dynface pack pin PACK --out DIR [--weights-dir DIR]
 
@@ -284,24 +286,109 @@ def _restore(args: argparse.Namespace) -> int:
 
 # -- catalog ----------------------------------------------------------------------------------------
 def add_catalog_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("catalog", help="look into a run catalog")
+    p = subparsers.add_parser("catalog", help="query and maintain a run catalog (Delta Lake tables)")
     sub = p.add_subparsers(dest="catalog_command", required=True)
     q = sub.add_parser("sql", help="run SQL over the runs, images and faces tables")
     q.add_argument("catalog", help="catalog URI")
     q.add_argument("query", help='e.g. "SELECT status, COUNT(*) FROM images GROUP BY status"')
     q.add_argument("--max-rows", type=int, default=50)
+    q.add_argument(
+        "--as-of",
+        type=int,
+        default=None,
+        metavar="VERSION",
+        help="query the catalog as it was at this version of its images table (see `catalog history`)",
+    )
     q.set_defaults(handler=run_catalog_sql)
+    c = sub.add_parser("compact", help="merge small data files (safe while runs write)")
+    c.add_argument("catalog", help="catalog URI")
+    c.set_defaults(handler=run_catalog_compact)
+    v = sub.add_parser("vacuum", help="delete data files that compaction replaced")
+    v.add_argument("catalog", help="catalog URI")
+    v.add_argument(
+        "--retain-hours",
+        type=float,
+        default=168.0,
+        help="keep files removed less than this long ago (default 168: --as-of reaches back a week)",
+    )
+    v.set_defaults(handler=run_catalog_vacuum)
+    h = sub.add_parser("history", help="list every table version and the run that committed it")
+    h.add_argument("catalog", help="catalog URI")
+    h.add_argument("--limit", type=int, default=None, help="latest versions per table only")
+    h.add_argument("--max-rows", type=int, default=200)
+    h.set_defaults(handler=run_catalog_history)
+    m = sub.add_parser("migrate", help="copy a catalog of the old run_id= folder layout into Delta tables")
+    m.add_argument("old", help="URI of the old catalog (only read)")
+    m.add_argument("new", help="URI of the new, empty catalog")
+    m.set_defaults(handler=run_catalog_migrate)
+
+
+def _catalog_error(command: str, err: Exception) -> int:
+    # SQL and storage errors become a message, not a traceback.
+    print(f"dynface catalog {command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+    return 1
 
 
 def run_catalog_sql(args: argparse.Namespace) -> int:
+    apply_offline_env(quiet=True)
     from catalogs import Catalog, format_table, sql
 
     try:
-        frame = sql(Catalog(args.catalog), args.query)
-    except Exception as err:  # noqa: BLE001 - SQL and storage errors become a message, not a traceback
-        print(f"dynface catalog sql: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        frame = sql(Catalog(args.catalog), args.query, as_of=args.as_of)
+    except Exception as err:  # noqa: BLE001
+        return _catalog_error("sql", err)
     print(format_table(frame, max_rows=args.max_rows))
+    return 0
+
+
+def run_catalog_compact(args: argparse.Namespace) -> int:
+    apply_offline_env(quiet=True)
+    from catalogs import Catalog, compact
+
+    try:
+        done = compact(Catalog(args.catalog))
+    except Exception as err:  # noqa: BLE001
+        return _catalog_error("compact", err)
+    for table in done:
+        print(f"{table.table}: {table.files_removed} files -> {table.files_added}")
+    return 0
+
+
+def run_catalog_vacuum(args: argparse.Namespace) -> int:
+    apply_offline_env(quiet=True)
+    from catalogs import Catalog, vacuum
+
+    try:
+        deleted = vacuum(Catalog(args.catalog), retain_hours=args.retain_hours)
+    except Exception as err:  # noqa: BLE001
+        return _catalog_error("vacuum", err)
+    for table, files in deleted.items():
+        print(f"{table}: {len(files)} files deleted")
+    return 0
+
+
+def run_catalog_history(args: argparse.Namespace) -> int:
+    apply_offline_env(quiet=True)
+    from catalogs import Catalog, format_table, history
+
+    try:
+        frame = history(Catalog(args.catalog), limit=args.limit)
+    except Exception as err:  # noqa: BLE001
+        return _catalog_error("history", err)
+    print(format_table(frame, max_rows=args.max_rows))
+    return 0
+
+
+def run_catalog_migrate(args: argparse.Namespace) -> int:
+    apply_offline_env(quiet=True)
+    from catalogs import Catalog, LegacyCatalog, migrate
+
+    try:
+        copied = migrate(LegacyCatalog(args.old), Catalog(args.new))
+    except Exception as err:  # noqa: BLE001
+        return _catalog_error("migrate", err)
+    for table, n in copied.items():
+        print(f"{table}: {n} rows")
     return 0
 
 

@@ -154,9 +154,7 @@ FACES_SCHEMA = pa.schema(
         _f("t_start", pa.int32(), "diffusion start step (original 0-999 grid) from the DSST lookup"),
         _f("bucket", pa.int32(), "t_start bucket the face was batched in (t_start // 50)"),
         _f("eta", pa.float64(), "DDIM eta of the face's sampling"),
-        _f(
-            "guidance_levels", pa.list_(pa.float32()), "blur std of each guidance level", unit="px at 512"
-        ),
+        _f("guidance_levels", pa.list_(pa.float32()), "blur std of each guidance level", unit="px at 512"),
         _f("n_steps", pa.int32(), "sampling steps run"),
         _f("output_uri", pa.string(), "restored aligned face"),
         _f("identity_similarity", pa.float64(), "identity cosine similarity input vs output"),

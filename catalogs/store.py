@@ -134,21 +134,19 @@ class Catalog:
             table = table.set_column(
                 schema.get_field_index("committed_at"), schema.field("committed_at"), filled
             )
-        uri = self.table_uri(table_name)
-        self._create_if_missing(table_name)
+        target = self._open_or_create(table_name)
         write_deltalake(
-            uri,
+            target,
             table.cast(_plain(schema)),
             mode="append",
             # A nullable column added to the schema is added to an older table on its first write.
             schema_mode="merge",
-            storage_options=self.delta_options(),
             writer_properties=WriterProperties(compression="ZSTD"),
             commit_properties=CommitProperties(
                 custom_metadata={RUN_ID_KEY: run_id}, max_commit_retries=MAX_COMMIT_RETRIES
             ),
         )
-        return uri
+        return self.table_uri(table_name)
 
     def dataset(self, table_name: TableName, *, as_of: AsOf = None) -> ds.Dataset:
         """A lazy pyarrow dataset over the table's current files (or those `as_of` an earlier state),
@@ -226,9 +224,12 @@ class Catalog:
         frame = frame.drop_duplicates(keys, keep="last").sort_values(keys, kind="stable")
         return frame.reset_index(drop=True)
 
-    def _create_if_missing(self, table_name: TableName) -> None:
-        if self.delta_table(table_name) is not None:
-            return
+    def _open_or_create(self, table_name: TableName) -> DeltaTable:
+        """The table at its latest version, created empty first if it does not exist. A commit made
+        on it after another writer's is retried at the next version by delta-rs."""
+        table = self.delta_table(table_name)
+        if table is not None:
+            return table
         try:
             DeltaTable.create(
                 self.table_uri(table_name),
@@ -237,9 +238,11 @@ class Catalog:
                 storage_options=self.delta_options(),
             )
         except DeltaError:
-            # Another writer created it first (both raced for version 0): fine if it now exists.
-            if self.delta_table(table_name) is None:
-                raise
+            pass  # another writer created it first (both raced for version 0)
+        table = self.delta_table(table_name)
+        if table is None:
+            raise RuntimeError(f"could not create {self.table_uri(table_name)}")
+        return table
 
     def _refuse_legacy(self, table_name: TableName) -> None:
         fs, root = self.filesystem()

@@ -24,7 +24,7 @@ from app.raylocal import connect_ray
 from dynface.restorer import Method
 from tasks.bucket import bucket
 from tasks.cancel import cancel_requested
-from tasks.commit import commit
+from tasks.commit import commit, compact_tables
 from tasks.compose import compose
 from tasks.detect_align import detect_align
 from tasks.discover import discover, prepare_run
@@ -106,6 +106,7 @@ def restore_archive(
     num_actors: int | None = None,
     wave_shards: int = 2,
     keep_work: bool = False,
+    compact_catalog: bool = True,
 ) -> RunSummary:
     """Restore the faces of every image under `source` into `dest`, recording them in the catalog.
 
@@ -120,6 +121,8 @@ def restore_archive(
     RAY_ADDRESS or starts a local Ray. num_actors: None picks one per GPU (or one per CPU but one).
     wave_shards: shards sampled together (more keeps more actors busy, commits less often).
     keep_work: keep `{dest}/.work/{run_id}` (intermediate crops and tables) after success.
+    compact_catalog: compact the catalog's runs, images and faces tables when the run ends (a
+    failed compaction is logged; the run's rows are committed already).
     """
     if shard_size < 1 or wave_shards < 1:
         raise ValueError("shard_size and wave_shards must be >= 1")
@@ -187,6 +190,11 @@ def restore_archive(
         with contextlib.suppress(Exception):  # the original error matters more than this row
             close_run(ctx, started_at=started_at, status=status, error=error)
         raise
+    if compact_catalog:
+        try:
+            compact_tables(ctx.catalog)
+        except Exception as err:  # noqa: BLE001 - the next run or `dynface catalog compact` redoes it
+            get_run_logger().warning("catalog compaction failed: %s", short_error(err))
     if not keep_work:
         remove_tree(ctx.work.root)
     return summary

@@ -114,6 +114,8 @@ def test_outputs_and_catalog_rows_are_on_s3(first_run, photos, s3fs_client):
         c for c in commits if c["operation"] == "WRITE" and c.get("dynface.run_id") == first_run.run_id
     ]
     assert len(appends) == 2  # one images append per shard (3 + 1 images)
+    images_table = Catalog(f"{DEST}/catalog").delta_table("images")
+    assert commits[0]["operation"] == "OPTIMIZE" and len(images_table.file_uris()) == 1  # run end
 
     catalog = Catalog(f"{DEST}/catalog")
     images = catalog.read("images").set_index("relative_path").sort_index()
