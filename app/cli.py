@@ -307,8 +307,8 @@ def add_catalog_command(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("catalog", help="catalog URI")
     v.add_argument(
         "--retain-hours",
-        type=float,
-        default=168.0,
+        type=int,
+        default=168,
         help="keep files removed less than this long ago (default 168: --as-of reaches back a week)",
     )
     v.set_defaults(handler=run_catalog_vacuum)

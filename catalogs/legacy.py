@@ -26,6 +26,7 @@ from catalogs.schemas import (
     PARTITION_COLUMN,
     TABLE_NAMES,
     TableName,
+    conform_table,
     empty_table,
     rows_to_table,
     schema_for,
@@ -48,7 +49,7 @@ class LegacyCatalog:
     ) -> str:
         """Write one part file of `run_id`'s rows (atomically: temp file + rename, or one PUT)."""
         schema = schema_for(table_name)
-        table = rows if isinstance(rows, pa.Table) else rows_to_table(rows, schema)
+        table = conform_table(rows, schema) if isinstance(rows, pa.Table) else rows_to_table(rows, schema)
         if "committed_at" in schema.names:
             column = table.column("committed_at")
             now = pa.scalar(dt.datetime.now(dt.UTC), type=column.type)

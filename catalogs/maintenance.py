@@ -5,8 +5,8 @@ hive `run_id=` layout.
   changes no row, so it never conflicts with a concurrent append and is safe while runs write.
   Files already at the target size are left alone, so a nightly compaction rewrites at most about
   one target-sized file plus the night's new files.
-- vacuum: deletes the data files that compaction (or nothing else: we never delete rows) removed
-  from the table more than `retain_hours` ago. Until then `--as-of` can read those older states.
+- vacuum: deletes the data files that compaction replaced more than `retain_hours` ago (nothing
+  else removes files: rows are never deleted). Until then `--as-of` can read those older states.
 - history: one row per table version, with the run that committed it.
 """
 
@@ -51,7 +51,7 @@ def compact(catalog: Catalog, tables: tuple[TableName, ...] = TABLE_NAMES) -> li
     return out
 
 
-def vacuum(catalog: Catalog, retain_hours: float = DEFAULT_RETAIN_HOURS) -> dict[str, list[str]]:
+def vacuum(catalog: Catalog, retain_hours: int = DEFAULT_RETAIN_HOURS) -> dict[str, list[str]]:
     """Delete files removed from each table more than `retain_hours` ago; {table: deleted files}."""
     if retain_hours < 0:
         raise ValueError(f"retain_hours must be >= 0, got {retain_hours}")
@@ -61,7 +61,7 @@ def vacuum(catalog: Catalog, retain_hours: float = DEFAULT_RETAIN_HOURS) -> dict
         if table is None:
             continue
         out[name] = table.vacuum(
-            retention_hours=int(retain_hours),
+            retention_hours=retain_hours,
             dry_run=False,
             # delta-rs refuses less than the table's retention unless told; the caller chose it.
             enforce_retention_duration=False,
