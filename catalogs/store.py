@@ -155,8 +155,17 @@ class Catalog:
         table = self.delta_table(table_name, as_of)
         if table is None:
             return ds.dataset(empty_table(schema))
-        # Columns the files lack (added to the schema later) read as null; unknown ones are dropped.
-        return table.to_pyarrow_dataset().replace_schema(schema)
+        # The files the log names at that version, read by pyarrow itself (locally) or through s3fs:
+        # deltalake's own to_pyarrow_dataset reads through a Python filesystem handler, 4x slower
+        # on a table of 800 files. Columns the files lack (added to the schema later) read as null;
+        # columns the schema does not know are left out.
+        uris = table.file_uris()
+        if local_path(self.uri) is not None:
+            return ds.dataset(uris, schema=schema, format="parquet")
+        fs, _ = self.filesystem()
+        return ds.dataset(
+            [fsspec.core.strip_protocol(u) for u in uris], schema=schema, format="parquet", filesystem=fs
+        )
 
     def read_arrow(
         self,
@@ -236,9 +245,11 @@ class Catalog:
                 schema=_plain(schema_for(table_name)),
                 mode="ignore",
                 storage_options=self.delta_options(),
+                # Losing the race for version 0 must fail, not retry as a second CREATE at version 1.
+                commit_properties=CommitProperties(max_commit_retries=0),
             )
         except DeltaError:
-            pass  # another writer created it first (both raced for version 0)
+            pass  # another writer created it first
         table = self.delta_table(table_name)
         if table is None:
             raise RuntimeError(f"could not create {self.table_uri(table_name)}")
