@@ -9,8 +9,10 @@ is an error before delta-rs is called.
 
 Concurrent writers on S3: delta-rs commits a version by creating `_delta_log/{version}.json` with a
 conditional PUT (`If-None-Match: *`); the loser of a race gets 412, re-reads the log and retries.
-That is the mechanism delta-rs documents for S3 since it dropped the DynamoDB lock; it is set here
-explicitly (`conditional_put=etag`) and the unsafe rename is refused explicitly.
+That is the mechanism delta-rs documents for S3 since 1.0 dropped the DynamoDB lock. deltalake 1.6.6
+uses it whatever the options say (measured against moto: 4 writers x 8 appends, about 30 retried
+commits, no loss, also with `AWS_S3_ALLOW_UNSAFE_RENAME=true`); the options below still ask for it
+(`conditional_put=etag`) and refuse the unsafe rename, so a delta-rs that reads them stays safe.
 """
 
 from __future__ import annotations

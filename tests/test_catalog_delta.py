@@ -327,10 +327,16 @@ def test_delta_rs_never_asks_the_metadata_service(s3: S3Server, metadata_recorde
     assert len(history(cat)) >= 2
     assert metadata_recorder == []
 
-    # The control: delta-rs left to find credentials itself does ask (so the recorder would see it).
-    bare = {"AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
+    # Keys given only as storage options (none in the environment) reach delta-rs too.
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
+    given = Catalog(uri, storage_options=s3.storage_options)
+    given.write_part("images", [image_row("r2", "b")], run_id="r2")
+    assert given.committed_image_ids("cfg") == {sha("a"), sha("b")}
+    assert metadata_recorder == []
+
+    # The control: delta-rs left to find credentials itself does ask (so the recorder would see it).
+    bare = {"AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
     with pytest.raises((DeltaError, OSError)):
         DeltaTable(f"{uri}/images", storage_options=bare)
     assert any("/latest/api/token" in path for path in metadata_recorder)
