@@ -91,6 +91,11 @@ def add_restore_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true", help="also write input|output side-by-sides")
     p.add_argument("--keep-work", action="store_true", help="keep the run's work folder")
     p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is restoring into the catalog, wait for it to end (default: refuse)",
+    )
+    p.add_argument(
         "--option",
         action="append",
         type=parse_option,
@@ -151,6 +156,7 @@ def preflight(args: argparse.Namespace) -> str | None:
     import fsspec
 
     from app.costs import cpu_cost_note
+    from catalogs.lease import LeaseHeldError, current_holder
     from dynface.core.device import resolve_device
     from dynface.packs.loading import load_dsst
     from dynface.packs.manifest import resolve_pack, verify_pinned
@@ -166,6 +172,9 @@ def preflight(args: argparse.Namespace) -> str | None:
         raise FileNotFoundError(f"source {args.source!r} does not exist")
     for uri in (dest, catalog):
         check_bucket(uri)
+    holder = current_holder(catalog)
+    if holder is not None and not args.wait:
+        raise LeaseHeldError(holder, catalog)
     manifest = resolve_pack(args.pack, weights_dir=args.weights_dir, measure_unpinned=False)
     verify_pinned(manifest)
     overrides = restore_overrides(method=args.method, guidance=args.guidance, options=dict(args.option))
@@ -182,6 +191,7 @@ def preflight(args: argparse.Namespace) -> str | None:
 
 
 EXIT_CANCELLED = 130  # what a shell reports for a command ended by Ctrl-C
+EXIT_CATALOG_BUSY = 75  # EX_TEMPFAIL: another run holds the catalog's lease; try again later (or --wait)
 
 
 @contextlib.contextmanager
@@ -225,10 +235,14 @@ def run_restore(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    from catalogs.lease import LeaseHeldError
     from tasks.cancel import cancel_requested
 
     try:
         note = preflight(args)
+    except LeaseHeldError as err:
+        print(f"dynface restore: {err}", file=sys.stderr)
+        return EXIT_CATALOG_BUSY
     except Exception as err:  # noqa: BLE001 - a bad pack, option or device: one line, nothing started
         print(f"dynface restore: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
@@ -267,11 +281,15 @@ def _restore(args: argparse.Namespace) -> int:
                 num_actors=args.num_actors,
                 wave_shards=args.wave_shards,
                 keep_work=args.keep_work,
+                wait_for_catalog=args.wait,
             )
     except KeyboardInterrupt:
         message = "stopped at once (a run already begun is recorded as cancelled)"
         print(f"dynface restore: {message}", file=sys.stderr)
         return EXIT_CANCELLED
+    except LeaseHeldError as err:  # another run took the lease after the preflight looked
+        print(f"dynface restore: {err}", file=sys.stderr)
+        return EXIT_CATALOG_BUSY
     except Exception as err:  # noqa: BLE001 - a crash is reported as a message and exit code 1
         print(f"dynface restore: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from app.raylocal import connect_ray
+from catalogs.lease import Heartbeat, LeaseLostError, LeaseRecord, acquire
 from dynface.restorer import Method
 from tasks.bucket import bucket
 from tasks.cancel import cancel_requested
@@ -29,7 +30,7 @@ from tasks.compose import compose
 from tasks.detect_align import detect_align
 from tasks.discover import discover, prepare_run
 from tasks.estimate import estimate_std
-from tasks.runs import RunSummary, close_run, finalize, write_run_row
+from tasks.runs import RunSummary, close_abandoned_runs, close_run, finalize, write_run_row
 from tasks.sample import release_actors, sample
 from tasks.score import score
 from tasks.work import RunContext, chunks, remove_tree, short_error
@@ -80,11 +81,20 @@ def _wait(in_flight: InFlight | None, clock: StageClock) -> tuple[list[int], str
     return shards, uri
 
 
-def _finish(clock: StageClock, ctx: RunContext, shards: list[int], samples_uri: str) -> None:
+def _finish(
+    clock: StageClock, ctx: RunContext, shards: list[int], samples_uri: str, heartbeat: Heartbeat
+) -> None:
     for shard in shards:
         clock.run("compose", compose, ctx, shard, samples_uri)
         clock.run("score", score, ctx, shard, samples_uri)
+        _check_lease(heartbeat)
         clock.run("commit", commit, ctx, shard, samples_uri)
+
+
+def _check_lease(heartbeat: Heartbeat) -> None:
+    """A run whose lease was taken (it missed its renewals and was presumed dead) commits nothing more."""
+    if heartbeat.lost:
+        raise LeaseLostError(f"run lost the catalog lease to another run: {heartbeat.lease.catalog}")
 
 
 @flow(name="restore-archive")
@@ -106,6 +116,7 @@ def restore_archive(
     num_actors: int | None = None,
     wave_shards: int = 2,
     keep_work: bool = False,
+    wait_for_catalog: bool = False,
     compact_catalog: bool = True,
 ) -> RunSummary:
     """Restore the faces of every image under `source` into `dest`, recording them in the catalog.
@@ -121,8 +132,9 @@ def restore_archive(
     RAY_ADDRESS or starts a local Ray. num_actors: None picks one per GPU (or one per CPU but one).
     wave_shards: shards sampled together (more keeps more actors busy, commits less often).
     keep_work: keep `{dest}/.work/{run_id}` (intermediate crops and tables) after success.
-    compact_catalog: compact the catalog's runs, images and faces tables when the run ends (a
-    failed compaction is logged; the run's rows are committed already).
+    wait_for_catalog: when another run holds the catalog's lease, wait for it instead of failing.
+    compact_catalog: compact the catalog's runs, images and faces tables when the run ends, after
+    its lease is released (a failed compaction is logged; the run's rows are committed already).
     """
     if shard_size < 1 or wave_shards < 1:
         raise ValueError("shard_size and wave_shards must be >= 1")
@@ -142,6 +154,37 @@ def restore_archive(
         guidance=guidance,
         options=options,
     )
+
+    def tell_waiting(holder: LeaseRecord) -> None:
+        get_run_logger().info("catalog in use by run %s (host %s): waiting", holder.run_id, holder.host)
+
+    lease = acquire(ctx.catalog, ctx.run_id, wait=wait_for_catalog, on_wait=tell_waiting)
+    with Heartbeat(lease) as heartbeat:
+        for abandoned in close_abandoned_runs(ctx):
+            get_run_logger().info("run %s had stopped without closing: recorded as abandoned", abandoned)
+        summary = _run(
+            ctx, started_at, t0, heartbeat, shard_size, ray_address, num_actors, wave_shards, keep_work
+        )
+    if compact_catalog:  # outside the lease: compaction is safe beside another run's appends
+        try:
+            compact_tables(ctx.catalog)
+        except Exception as err:  # noqa: BLE001 - the next run or `dynface catalog compact` redoes it
+            get_run_logger().warning("catalog compaction failed: %s", short_error(err))
+    return summary
+
+
+def _run(
+    ctx: RunContext,
+    started_at: dt.datetime,
+    t0: float,
+    heartbeat: Heartbeat,
+    shard_size: int,
+    ray_address: str | None,
+    num_actors: int | None,
+    wave_shards: int,
+    keep_work: bool,
+) -> RunSummary:
+    """The run itself, under the catalog's lease: its `running` row, the waves, its closing row."""
     write_run_row(ctx, started_at=started_at, status="running")
     clock = StageClock()
     try:
@@ -161,6 +204,7 @@ def restore_archive(
                 for wave, shards in enumerate(chunks(list(range(len(found.shards))), wave_shards)):
                     if cancel_requested():  # Ctrl-C: no new wave; the one in flight ends below
                         break
+                    _check_lease(heartbeat)
                     for shard in shards:
                         clock.run("detect_align", detect_align, ctx, shard)
                     for shard in shards:
@@ -169,11 +213,11 @@ def restore_archive(
                     done = _wait(in_flight, clock)
                     in_flight = _submit_sample(ctx, wave, shards, batch_uris, num_actors)
                     if done is not None:
-                        _finish(clock, ctx, *done)
+                        _finish(clock, ctx, *done, heartbeat)
                 done = _wait(in_flight, clock)
                 in_flight = None
                 if done is not None:
-                    _finish(clock, ctx, *done)
+                    _finish(clock, ctx, *done, heartbeat)
             finally:
                 if in_flight is not None:  # an error elsewhere: let the sampling thread end first
                     with contextlib.suppress(Exception):
@@ -190,11 +234,6 @@ def restore_archive(
         with contextlib.suppress(Exception):  # the original error matters more than this row
             close_run(ctx, started_at=started_at, status=status, error=error)
         raise
-    if compact_catalog:
-        try:
-            compact_tables(ctx.catalog)
-        except Exception as err:  # noqa: BLE001 - the next run or `dynface catalog compact` redoes it
-            get_run_logger().warning("catalog compaction failed: %s", short_error(err))
     if not keep_work:
         remove_tree(ctx.work.root)
     return summary

@@ -19,7 +19,7 @@ import numpy as np
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from catalogs import IMAGE_STATUSES, Catalog
-from tasks.work import RunContext, stage_task
+from tasks.work import RunContext, join_uri, remove_tree, stage_task
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,30 @@ def close_run(
         return False
     write_run_row(ctx, started_at=started_at, status=status, summary=summary, error=error)
     return True
+
+
+def close_abandoned_runs(ctx: RunContext) -> list[str]:
+    """Close every other run of the catalog that has a `running` row and no closing row as `abandoned`,
+    and remove its work folder; returns their run ids.
+
+    Only a run holding the catalog's lease calls this: no other run can then be alive, so a run that never
+    wrote its closing row was killed (kill -9, power loss) and will never write one.
+    """
+    cat = Catalog(ctx.catalog)
+    rows = cat.read_arrow("runs").to_pylist()
+    closed = {r["run_id"] for r in rows if r["status"] != "running"}
+    abandoned = [r for r in rows if r["status"] == "running" and r["run_id"] not in closed | {ctx.run_id}]
+    for row in abandoned:
+        closing = dict(
+            row,
+            status="abandoned",
+            finished_at=dt.datetime.now(dt.UTC),
+            error=f"stopped without closing (killed?); found by run {ctx.run_id}",
+        )
+        cat.write_part("runs", [closing], run_id=row["run_id"])
+        if row["dest_uri"]:
+            remove_tree(join_uri(row["dest_uri"], ".work", row["run_id"]))
+    return [r["run_id"] for r in abandoned]
 
 
 def _distribution(values: list[float]) -> dict[str, float]:

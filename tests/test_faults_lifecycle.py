@@ -77,7 +77,16 @@ def _ray_marks(pids: list[int]) -> set[str]:
 class CliRun:
     """`dynface restore` in its own session; records its server and Ray processes while it runs."""
 
-    def __init__(self, src: Path, pack: str, dest: Path, tmp: Path) -> None:
+    def __init__(
+        self,
+        src: Path,
+        pack: str,
+        dest: Path,
+        tmp: Path,
+        *,
+        extra: tuple[str, ...] = (),
+        log: str = "cli.log",
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
         env.update(NO_TRAFFIC, DYNFACE_RAY_HOME=str(tmp / "ray-home"), HOME=str(tmp / "home"))
         (tmp / "home").mkdir(exist_ok=True)
@@ -92,8 +101,10 @@ class CliRun:
             "batch_size=2",
             "--shard-size",
             "4",
+            *extra,
         ]
-        self.log = (tmp / "cli.log").open("w")
+        self.log_path = tmp / log
+        self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
             args, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -109,7 +120,7 @@ class CliRun:
             self.marks |= _ray_marks(kids)
             if list(self.dest.glob(".work/*/restored/*.png")):
                 return
-            assert self.process.poll() is None, (self.dest.parent / "cli.log").read_text()
+            assert self.process.poll() is None, self.log_path.read_text()
             time.sleep(0.5)
         raise AssertionError("no face was restored in time")
 
@@ -179,7 +190,42 @@ def test_kill_9_leaves_no_process_behind(archive, tmp_path):
     os.kill(run.process.pid, signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL
     run.assert_nothing_left()
-    assert list(_runs(run.dest)["status"]) == ["running"]  # no closing row: a later run marks it
+    runs = _runs(run.dest)
+    assert list(runs["status"]) == ["running"]  # no closing row: the next run marks it
+    killed = runs["run_id"].iloc[0]
+    assert (run.dest / ".work" / killed).is_dir()
+
+    # The next run finds the lease held by a process that is gone: it takes it at once, closes the killed
+    # run as abandoned, removes its work folder and restores only what was not committed.
+    resumed = CliRun(src, pack, run.dest, tmp_path, log="resume.log")
+    assert resumed.wait() == 0, resumed.log_path.read_text()
+    runs = _runs(run.dest)
+    assert sorted(runs.loc[runs["run_id"] == killed, "status"]) == ["abandoned", "running"]
+    assert "stopped without closing" in runs.loc[runs["status"] == "abandoned", "error"].iloc[0]
+    assert not (run.dest / ".work" / killed).exists()
+    images = Catalog(str(run.dest / "catalog")).read("images")
+    assert sorted(images.loc[images["status"] == "ok", "source_uri"].map(lambda u: Path(u).name)) == sorted(
+        p.name for p in src.iterdir()
+    )  # one ok row per image
+
+
+def test_a_second_run_on_a_busy_catalog_refuses_or_waits(archive, tmp_path):
+    src, pack = archive
+    first = CliRun(src, pack, tmp_path / "out", tmp_path)
+    first.watch_until_sampled()
+    running = _runs(first.dest)["run_id"].iloc[0]
+
+    refused = CliRun(src, pack, first.dest, tmp_path, log="refused.log")
+    assert refused.wait() == 75
+    assert f"in use by run {running}" in refused.log_path.read_text()
+
+    waiting = CliRun(src, pack, first.dest, tmp_path, extra=("--wait",), log="waiting.log")
+    assert first.wait() == 0, first.log_path.read_text()
+    assert waiting.wait() == 0, waiting.log_path.read_text()
+    images = Catalog(str(first.dest / "catalog")).read("images")
+    assert (images["status"] == "ok").sum() == N_FACES  # not twice: the waiting run found them committed
+    runs = _runs(first.dest)
+    assert sorted(runs["status"]) == ["completed", "completed", "running", "running"]
 
 
 def test_finalize_and_a_failure_after_it_write_one_closing_row(tmp_path):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -287,3 +287,33 @@ def to_tensor_batch(images: np.ndarray, device: str | torch.device = "cpu") -> T
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (B, H, W, 3), got {images.shape}")
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)).to(device)
+
+
+class StageConfig(Protocol):
+    """What every stage's training config has: its schedule and its loop settings."""
+
+    lr: float
+    warmup: int
+    steps: int
+
+    def loop_config(self) -> LoopConfig: ...
+
+
+def train_stage(
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    out_dir: str | Path,
+    config: StageConfig,
+) -> LoopResult:
+    """`train_loop` with the stage config's loop settings and its warm-up + cosine learning rate."""
+    return train_loop(
+        name=name,
+        model=model,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        out_dir=Path(out_dir),
+        config=config.loop_config(),
+        lr_at=warmup_cosine(config.lr, warmup=config.warmup, total=config.steps),
+    )

@@ -29,8 +29,7 @@ from dynface.train.common import (
     LoopResult,
     seed_everything,
     to_tensor_batch,
-    train_loop,
-    warmup_cosine,
+    train_stage,
 )
 from dynface.train.data import PairPool, draw_pairs
 from dynface.train.swt import swt_l1_loss
@@ -179,12 +178,4 @@ def train_dgsa(
             loss = loss + config.perceptual_weight * p
         return {"loss": loss, **terms}
 
-    return train_loop(
-        name="dgsa",
-        model=model,
-        optimizer=opt,
-        loss_fn=loss_fn,
-        out_dir=Path(out_dir),
-        config=config.loop_config(),
-        lr_at=warmup_cosine(config.lr, warmup=config.warmup, total=config.steps),
-    )
+    return train_stage("dgsa", model, opt, loss_fn, out_dir, config)

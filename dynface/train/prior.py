@@ -22,8 +22,7 @@ from dynface.train.common import (
     LoopResult,
     seed_everything,
     to_tensor_batch,
-    train_loop,
-    warmup_cosine,
+    train_stage,
 )
 from dynface.train.data import MaskedFaces, sample_hq, sample_masked_batch
 
@@ -115,12 +114,4 @@ def train_prior(
         weight = torch.from_numpy(np.ascontiguousarray(w)).unsqueeze(1).to(x0.device)
         return prior_loss(model, diffusion, x0, rng, pixel_weight=weight)
 
-    return train_loop(
-        name="prior",
-        model=model,
-        optimizer=opt,
-        loss_fn=loss_fn,
-        out_dir=Path(out_dir),
-        config=config.loop_config(),
-        lr_at=warmup_cosine(config.lr, warmup=config.warmup, total=config.steps),
-    )
+    return train_stage("prior", model, opt, loss_fn, out_dir, config)

@@ -21,8 +21,7 @@ from dynface.train.common import (
     LoopResult,
     seed_everything,
     to_tensor_batch,
-    train_loop,
-    warmup_cosine,
+    train_stage,
 )
 from dynface.train.data import PairPool, draw_pairs
 from dynface.train.fresh_pairs import FreshPairStream
@@ -90,12 +89,4 @@ def train_rm(
         lq, gt = draw_pairs(images, config.batch_size, rng, pairs)
         return rm_loss(model, to_tensor_batch(lq, dev), to_tensor_batch(gt, dev))
 
-    return train_loop(
-        name="rm",
-        model=model,
-        optimizer=opt,
-        loss_fn=loss_fn,
-        out_dir=Path(out_dir),
-        config=config.loop_config(),
-        lr_at=warmup_cosine(config.lr, warmup=config.warmup, total=config.steps),
-    )
+    return train_stage("rm", model, opt, loss_fn, out_dir, config)

@@ -21,8 +21,7 @@ from dynface.train.common import (
     LoopResult,
     seed_everything,
     to_tensor_batch,
-    train_loop,
-    warmup_cosine,
+    train_stage,
 )
 from dynface.train.data import sample_hq
 
@@ -76,12 +75,4 @@ def train_sde(images: np.ndarray, out_dir: Path | str, config: SDETrainConfig) -
         blurred, std = blurred_batch(x0, rng, std_range)
         return sde_loss(model, blurred, std)
 
-    return train_loop(
-        name="sde",
-        model=model,
-        optimizer=opt,
-        loss_fn=loss_fn,
-        out_dir=Path(out_dir),
-        config=config.loop_config(),
-        lr_at=warmup_cosine(config.lr, warmup=config.warmup, total=config.steps),
-    )
+    return train_stage("sde", model, opt, loss_fn, out_dir, config)

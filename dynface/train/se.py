@@ -28,8 +28,7 @@ from dynface.train.common import (
     LoopResult,
     seed_everything,
     to_tensor_batch,
-    train_loop,
-    warmup_cosine,
+    train_stage,
 )
 from dynface.train.data import PairPool, draw_pairs
 
@@ -151,13 +150,5 @@ def train_se(
         star = std_star(_restored_and_psnr(rm, lq_t, gt_t, grid), grid, tau)
         return se_loss(se, lq_t, gt_t, star, config.std_weight)
 
-    result = train_loop(
-        name="se",
-        model=se,
-        optimizer=opt,
-        loss_fn=loss_fn,
-        out_dir=out,
-        config=config.loop_config(),
-        lr_at=warmup_cosine(config.lr, warmup=config.warmup, total=config.steps),
-    )
+    result = train_stage("se", se, opt, loss_fn, out, config)
     return SEResult(loop=result, se=result.model, tau=tau, label_quantiles=q)  # type: ignore[arg-type]
