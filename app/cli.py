@@ -317,10 +317,10 @@ def add_catalog_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="VERSION",
         help="query the catalog as it was at this version of its images table (see `catalog history`)",
     )
-    q.set_defaults(handler=run_catalog_sql)
+    q.set_defaults(handler=run_catalog, catalog_action=catalog_sql)
     c = sub.add_parser("compact", help="merge small data files (safe while runs write)")
     c.add_argument("catalog", help="catalog URI")
-    c.set_defaults(handler=run_catalog_compact)
+    c.set_defaults(handler=run_catalog, catalog_action=catalog_compact)
     v = sub.add_parser("vacuum", help="delete data files that compaction replaced")
     v.add_argument("catalog", help="catalog URI")
     v.add_argument(
@@ -329,85 +329,62 @@ def add_catalog_command(subparsers: argparse._SubParsersAction) -> None:
         default=168,
         help="keep files removed less than this long ago (default 168: --as-of reaches back a week)",
     )
-    v.set_defaults(handler=run_catalog_vacuum)
+    v.set_defaults(handler=run_catalog, catalog_action=catalog_vacuum)
     h = sub.add_parser("history", help="list every table version and the run that committed it")
     h.add_argument("catalog", help="catalog URI")
     h.add_argument("--limit", type=int, default=None, help="latest versions per table only")
     h.add_argument("--max-rows", type=int, default=200)
-    h.set_defaults(handler=run_catalog_history)
+    h.set_defaults(handler=run_catalog, catalog_action=catalog_history)
     m = sub.add_parser("migrate", help="copy a catalog of the old run_id= folder layout into Delta tables")
     m.add_argument("old", help="URI of the old catalog (only read)")
     m.add_argument("new", help="URI of the new, empty catalog")
-    m.set_defaults(handler=run_catalog_migrate)
+    m.set_defaults(handler=run_catalog, catalog_action=catalog_migrate)
 
 
-def _catalog_error(command: str, err: Exception) -> int:
-    # SQL and storage errors become a message, not a traceback.
-    print(f"dynface catalog {command}: error: {type(err).__name__}: {err}", file=sys.stderr)
-    return 1
-
-
-def run_catalog_sql(args: argparse.Namespace) -> int:
+def run_catalog(args: argparse.Namespace) -> int:
+    """Every `dynface catalog` subcommand: its action's lines on stdout; an error is one line, exit 1."""
     apply_offline_env(quiet=True)
+    try:
+        lines = args.catalog_action(args)
+    except Exception as err:  # noqa: BLE001 - SQL and storage errors become a message, not a traceback
+        print(f"dynface catalog {args.catalog_command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    return 0
+
+
+def catalog_sql(args: argparse.Namespace) -> list[str]:
     from catalogs import Catalog, format_table, sql
 
-    try:
-        frame = sql(Catalog(args.catalog), args.query, as_of=args.as_of)
-    except Exception as err:  # noqa: BLE001
-        return _catalog_error("sql", err)
-    print(format_table(frame, max_rows=args.max_rows))
-    return 0
+    frame = sql(Catalog(args.catalog), args.query, as_of=args.as_of)
+    return [format_table(frame, max_rows=args.max_rows)]
 
 
-def run_catalog_compact(args: argparse.Namespace) -> int:
-    apply_offline_env(quiet=True)
+def catalog_compact(args: argparse.Namespace) -> list[str]:
     from catalogs import Catalog, compact
 
-    try:
-        done = compact(Catalog(args.catalog))
-    except Exception as err:  # noqa: BLE001
-        return _catalog_error("compact", err)
-    for table in done:
-        print(f"{table.table}: {table.files_removed} files -> {table.files_added}")
-    return 0
+    return [f"{t.table}: {t.files_removed} files -> {t.files_added}" for t in compact(Catalog(args.catalog))]
 
 
-def run_catalog_vacuum(args: argparse.Namespace) -> int:
-    apply_offline_env(quiet=True)
+def catalog_vacuum(args: argparse.Namespace) -> list[str]:
     from catalogs import Catalog, vacuum
 
-    try:
-        deleted = vacuum(Catalog(args.catalog), retain_hours=args.retain_hours)
-    except Exception as err:  # noqa: BLE001
-        return _catalog_error("vacuum", err)
-    for table, files in deleted.items():
-        print(f"{table}: {len(files)} files deleted")
-    return 0
+    deleted = vacuum(Catalog(args.catalog), retain_hours=args.retain_hours)
+    return [f"{table}: {len(files)} files deleted" for table, files in deleted.items()]
 
 
-def run_catalog_history(args: argparse.Namespace) -> int:
-    apply_offline_env(quiet=True)
+def catalog_history(args: argparse.Namespace) -> list[str]:
     from catalogs import Catalog, format_table, history
 
-    try:
-        frame = history(Catalog(args.catalog), limit=args.limit)
-    except Exception as err:  # noqa: BLE001
-        return _catalog_error("history", err)
-    print(format_table(frame, max_rows=args.max_rows))
-    return 0
+    return [format_table(history(Catalog(args.catalog), limit=args.limit), max_rows=args.max_rows)]
 
 
-def run_catalog_migrate(args: argparse.Namespace) -> int:
-    apply_offline_env(quiet=True)
+def catalog_migrate(args: argparse.Namespace) -> list[str]:
     from catalogs import Catalog, LegacyCatalog, migrate
 
-    try:
-        copied = migrate(LegacyCatalog(args.old), Catalog(args.new))
-    except Exception as err:  # noqa: BLE001
-        return _catalog_error("migrate", err)
-    for table, n in copied.items():
-        print(f"{table}: {n} rows")
-    return 0
+    copied = migrate(LegacyCatalog(args.old), Catalog(args.new))
+    return [f"{table}: {n} rows" for table, n in copied.items()]
 
 
 # -- review and publish ---------------------------------------------------------------------------
