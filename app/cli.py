@@ -5,7 +5,9 @@
                     [--option key=value ...]
     dynface review CATALOG_URI [--run RUN_ID] [--port 8765] [--reviewer NAME]
     dynface publish CATALOG_URI DEST [--require-review] [--run RUN_ID]
-    dynface catalog sql CATALOG_URI "SELECT ..."
+    dynface catalog sql CATALOG_URI "SELECT ..." [--as-of VERSION]
+    dynface catalog compact|history CATALOG_URI; dynface catalog vacuum CATALOG_URI [--retain-hours H]
+    dynface catalog migrate OLD_URI NEW_URI
     dynface pack random DIR [--resolution 32]
     dynface pack pin PACK --out DIR [--weights-dir DIR]
 
@@ -302,25 +304,87 @@ def _restore(args: argparse.Namespace) -> int:
 
 # -- catalog ----------------------------------------------------------------------------------------
 def add_catalog_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("catalog", help="look into a run catalog")
+    p = subparsers.add_parser("catalog", help="query and maintain a run catalog (Delta Lake tables)")
     sub = p.add_subparsers(dest="catalog_command", required=True)
     q = sub.add_parser("sql", help="run SQL over the runs, images and faces tables")
     q.add_argument("catalog", help="catalog URI")
     q.add_argument("query", help='e.g. "SELECT status, COUNT(*) FROM images GROUP BY status"')
     q.add_argument("--max-rows", type=int, default=50)
-    q.set_defaults(handler=run_catalog_sql)
+    q.add_argument(
+        "--as-of",
+        type=int,
+        default=None,
+        metavar="VERSION",
+        help="query the catalog as it was at this version of its images table (see `catalog history`)",
+    )
+    q.set_defaults(handler=run_catalog, catalog_action=catalog_sql)
+    c = sub.add_parser("compact", help="merge small data files (safe while runs write)")
+    c.add_argument("catalog", help="catalog URI")
+    c.set_defaults(handler=run_catalog, catalog_action=catalog_compact)
+    v = sub.add_parser("vacuum", help="delete data files that compaction replaced")
+    v.add_argument("catalog", help="catalog URI")
+    v.add_argument(
+        "--retain-hours",
+        type=int,
+        default=168,
+        help="keep files removed less than this long ago (default 168: --as-of reaches back a week)",
+    )
+    v.set_defaults(handler=run_catalog, catalog_action=catalog_vacuum)
+    h = sub.add_parser("history", help="list every table version and the run that committed it")
+    h.add_argument("catalog", help="catalog URI")
+    h.add_argument("--limit", type=int, default=None, help="latest versions per table only")
+    h.add_argument("--max-rows", type=int, default=200)
+    h.set_defaults(handler=run_catalog, catalog_action=catalog_history)
+    m = sub.add_parser("migrate", help="copy a catalog of the old run_id= folder layout into Delta tables")
+    m.add_argument("old", help="URI of the old catalog (only read)")
+    m.add_argument("new", help="URI of the new, empty catalog")
+    m.set_defaults(handler=run_catalog, catalog_action=catalog_migrate)
 
 
-def run_catalog_sql(args: argparse.Namespace) -> int:
+def run_catalog(args: argparse.Namespace) -> int:
+    """Every `dynface catalog` subcommand: its action's lines on stdout; an error is one line, exit 1."""
+    apply_offline_env(quiet=True)
+    try:
+        lines = args.catalog_action(args)
+    except Exception as err:  # noqa: BLE001 - SQL and storage errors become a message, not a traceback
+        print(f"dynface catalog {args.catalog_command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    return 0
+
+
+def catalog_sql(args: argparse.Namespace) -> list[str]:
     from catalogs import Catalog, format_table, sql
 
-    try:
-        frame = sql(Catalog(args.catalog), args.query)
-    except Exception as err:  # noqa: BLE001 - SQL and storage errors become a message, not a traceback
-        print(f"dynface catalog sql: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    print(format_table(frame, max_rows=args.max_rows))
-    return 0
+    frame = sql(Catalog(args.catalog), args.query, as_of=args.as_of)
+    return [format_table(frame, max_rows=args.max_rows)]
+
+
+def catalog_compact(args: argparse.Namespace) -> list[str]:
+    from catalogs import Catalog, compact
+
+    return [f"{t.table}: {t.files_removed} files -> {t.files_added}" for t in compact(Catalog(args.catalog))]
+
+
+def catalog_vacuum(args: argparse.Namespace) -> list[str]:
+    from catalogs import Catalog, vacuum
+
+    deleted = vacuum(Catalog(args.catalog), retain_hours=args.retain_hours)
+    return [f"{table}: {len(files)} files deleted" for table, files in deleted.items()]
+
+
+def catalog_history(args: argparse.Namespace) -> list[str]:
+    from catalogs import Catalog, format_table, history
+
+    return [format_table(history(Catalog(args.catalog), limit=args.limit), max_rows=args.max_rows)]
+
+
+def catalog_migrate(args: argparse.Namespace) -> list[str]:
+    from catalogs import Catalog, LegacyCatalog, migrate
+
+    copied = migrate(LegacyCatalog(args.old), Catalog(args.new))
+    return [f"{table}: {n} rows" for table, n in copied.items()]
 
 
 # -- review and publish ---------------------------------------------------------------------------
