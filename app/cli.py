@@ -5,7 +5,9 @@
                     [--option key=value ...]
     dynface review CATALOG_URI [--run RUN_ID] [--port 8765] [--reviewer NAME]
     dynface publish CATALOG_URI DEST [--require-review] [--run RUN_ID]
-    dynface catalog sql CATALOG_URI "SELECT ..."
+    dynface catalog sql CATALOG_URI "SELECT ..." [--as-of VERSION]
+    dynface catalog compact|history CATALOG_URI; dynface catalog vacuum CATALOG_URI [--retain-hours H]
+    dynface catalog migrate OLD_URI NEW_URI
     dynface pack random DIR [--resolution 32]
     dynface pack pin PACK --out DIR [--weights-dir DIR]
     dynface pack hash PACK [--weights-dir DIR]
@@ -311,25 +313,87 @@ def _restore(args: argparse.Namespace) -> int:
 
 # -- catalog ----------------------------------------------------------------------------------------
 def add_catalog_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("catalog", help="look into a run catalog")
+    p = subparsers.add_parser("catalog", help="query and maintain a run catalog (Delta Lake tables)")
     sub = p.add_subparsers(dest="catalog_command", required=True)
     q = sub.add_parser("sql", help="run SQL over the runs, images and faces tables")
     q.add_argument("catalog", help="catalog URI")
     q.add_argument("query", help='e.g. "SELECT status, COUNT(*) FROM images GROUP BY status"')
     q.add_argument("--max-rows", type=int, default=50)
-    q.set_defaults(handler=run_catalog_sql)
+    q.add_argument(
+        "--as-of",
+        type=int,
+        default=None,
+        metavar="VERSION",
+        help="query the catalog as it was at this version of its images table (see `catalog history`)",
+    )
+    q.set_defaults(handler=run_catalog, catalog_action=catalog_sql)
+    c = sub.add_parser("compact", help="merge small data files (safe while runs write)")
+    c.add_argument("catalog", help="catalog URI")
+    c.set_defaults(handler=run_catalog, catalog_action=catalog_compact)
+    v = sub.add_parser("vacuum", help="delete data files that compaction replaced")
+    v.add_argument("catalog", help="catalog URI")
+    v.add_argument(
+        "--retain-hours",
+        type=int,
+        default=168,
+        help="keep files removed less than this long ago (default 168: --as-of reaches back a week)",
+    )
+    v.set_defaults(handler=run_catalog, catalog_action=catalog_vacuum)
+    h = sub.add_parser("history", help="list every table version and the run that committed it")
+    h.add_argument("catalog", help="catalog URI")
+    h.add_argument("--limit", type=int, default=None, help="latest versions per table only")
+    h.add_argument("--max-rows", type=int, default=200)
+    h.set_defaults(handler=run_catalog, catalog_action=catalog_history)
+    m = sub.add_parser("migrate", help="copy a catalog of the old run_id= folder layout into Delta tables")
+    m.add_argument("old", help="URI of the old catalog (only read)")
+    m.add_argument("new", help="URI of the new, empty catalog")
+    m.set_defaults(handler=run_catalog, catalog_action=catalog_migrate)
 
 
-def run_catalog_sql(args: argparse.Namespace) -> int:
+def run_catalog(args: argparse.Namespace) -> int:
+    """Every `dynface catalog` subcommand: its action's lines on stdout; an error is one line, exit 1."""
+    apply_offline_env(quiet=True)
+    try:
+        lines = args.catalog_action(args)
+    except Exception as err:  # noqa: BLE001 - SQL and storage errors become a message, not a traceback
+        print(f"dynface catalog {args.catalog_command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    return 0
+
+
+def catalog_sql(args: argparse.Namespace) -> list[str]:
     from catalogs import Catalog, format_table, sql
 
-    try:
-        frame = sql(Catalog(args.catalog), args.query)
-    except Exception as err:  # noqa: BLE001 - SQL and storage errors become a message, not a traceback
-        print(f"dynface catalog sql: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    print(format_table(frame, max_rows=args.max_rows))
-    return 0
+    frame = sql(Catalog(args.catalog), args.query, as_of=args.as_of)
+    return [format_table(frame, max_rows=args.max_rows)]
+
+
+def catalog_compact(args: argparse.Namespace) -> list[str]:
+    from catalogs import Catalog, compact
+
+    return [f"{t.table}: {t.files_removed} files -> {t.files_added}" for t in compact(Catalog(args.catalog))]
+
+
+def catalog_vacuum(args: argparse.Namespace) -> list[str]:
+    from catalogs import Catalog, vacuum
+
+    deleted = vacuum(Catalog(args.catalog), retain_hours=args.retain_hours)
+    return [f"{table}: {len(files)} files deleted" for table, files in deleted.items()]
+
+
+def catalog_history(args: argparse.Namespace) -> list[str]:
+    from catalogs import Catalog, format_table, history
+
+    return [format_table(history(Catalog(args.catalog), limit=args.limit), max_rows=args.max_rows)]
+
+
+def catalog_migrate(args: argparse.Namespace) -> list[str]:
+    from catalogs import Catalog, LegacyCatalog, migrate
+
+    copied = migrate(LegacyCatalog(args.old), Catalog(args.new))
+    return [f"{table}: {n} rows" for table, n in copied.items()]
 
 
 # -- review and publish ---------------------------------------------------------------------------
@@ -565,12 +629,74 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("starter", help="train the starter pack from scratch (weights/starter/MODEL_CARD.md)")
     s.add_argument("args", nargs=argparse.REMAINDER, help="OUT_DIR and options (--quick, --check, ...)")
     s.set_defaults(handler=run_train_starter)
+    c = sub.add_parser(
+        "complete",
+        help="complete a pack that has a prior and an RM (e.g. difface) with SE, DGSA and a DSST table",
+    )
+    c.add_argument("base", help="base pack: name, manifest path/URI or folder (never modified)")
+    c.add_argument("out", help="folder or URI for the completed pack")
+    c.add_argument("--data", required=True, help="folder or fsspec URI of HQ aligned faces")
+    c.add_argument(
+        "--steps", action="append", default=[], metavar="N|STAGE=N", help="steps of every stage or one"
+    )
+    c.add_argument("--batch", action="append", default=[], metavar="STAGE=N", help="a stage's global batch")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--resume", action="store_true", help="continue the checkpoints of an earlier run")
+    c.add_argument("--quick", action="store_true", help="tiny networks, a few steps per stage (tests)")
+    c.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    c.add_argument("--checkpoint-uri", default=None, help="folder or fsspec URI for the stage checkpoints")
+    c.add_argument("--workers", type=int, default=0, help="data-parallel Ray Train workers (0: this process)")
+    c.add_argument("--ray-address", default=None, help="train on this Ray cluster")
+    c.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per Ray worker)")
+    c.add_argument("--weights-dir", default=None, help="folder or URI holding the base pack's weight files")
+    c.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="DGSA step (bf16 on cuda)")
+    c.add_argument(
+        "--no-checkpointing", action="store_true", help="keep the frozen UNet's activations (more memory)"
+    )
+    c.add_argument("--limit", type=int, default=None, help="train on the first N faces only")
+    c.add_argument("--vgg16", default=None, help="torchvision vgg16-397923af.pth: adds DISTS to DGSA's loss")
+    c.add_argument("--degrade-resolution", type=int, default=512, help="px the degradations are made at")
+    c.add_argument("--threads", type=int, default=1, help="torch threads")
+    c.set_defaults(handler=run_train_complete)
 
 
 def run_train_starter(args: argparse.Namespace) -> int:
     from dynface.train.starter import cli_main
 
     return cli_main(list(args.args))
+
+
+def run_train_complete(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from dynface.train.complete import complete, report_json
+    from dynface.train.complete_plan import memory_for, parse_batches, parse_steps
+
+    torch.set_num_threads(args.threads)
+    report = complete(
+        args.base,
+        args.out,
+        data=args.data,
+        steps=parse_steps(args.steps),
+        batch_sizes=parse_batches(args.batch),
+        seed=args.seed,
+        resume=args.resume,
+        quick=args.quick,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_uri=args.checkpoint_uri,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        device=args.device,
+        weights_dir=args.weights_dir,
+        memory=memory_for(args.device, args.precision, checkpointing=not args.no_checkpointing),
+        degrade_resolution=args.degrade_resolution,
+        limit=args.limit,
+        vgg16=args.vgg16,
+    )
+    print(json.dumps(report_json(report), indent=1))
+    return 0 if report.finished else 3
 
 
 # -- entry point ------------------------------------------------------------------------------------

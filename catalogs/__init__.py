@@ -1,12 +1,17 @@
-"""Parquet catalogs (runs, images, faces, reviews, publications): schemas, atomic part writers, readers, SQL.
+"""Catalogs (runs, images, faces, reviews, publications) as Delta Lake tables: schemas, writers, readers,
+SQL and maintenance.
 
-Typical use: `cat = Catalog("s3://bucket/catalog")` (or a local path, `file://`, `memory://`), then
-`cat.write_part("images", rows, run_id=run_id)` after the outputs exist, `cat.committed_image_ids(h)`
-to resume, and `sql(cat, "SELECT status, COUNT(*) FROM images GROUP BY status")` to look back.
+Typical use: `cat = Catalog("s3://bucket/catalog")` (or a local path, `file://`), then
+`cat.write_part("images", rows, run_id=run_id)` after the outputs exist (one Delta append),
+`cat.committed_image_ids(h)` to resume, `sql(cat, "SELECT status, COUNT(*) FROM images GROUP BY status")`
+to look back, and `compact(cat)` / `vacuum(cat, hours)` to keep the tables small.
 """
 
 from __future__ import annotations
 
+from catalogs.legacy import LegacyCatalog
+from catalogs.location import NoS3Credentials
+from catalogs.maintenance import compact, history, migrate, vacuum
 from catalogs.query import connect, format_table, sql
 from catalogs.schemas import (
     COMMITTED_STATUSES,
@@ -25,7 +30,7 @@ from catalogs.schemas import (
     rows_to_table,
     schema_for,
 )
-from catalogs.store import Catalog, table_to_frame
+from catalogs.store import Catalog, LegacyLayoutError, table_to_frame
 
 __all__ = [
     "COMMITTED_STATUSES",
@@ -39,13 +44,20 @@ __all__ = [
     "TABLE_NAMES",
     "TABLE_SCHEMAS",
     "Catalog",
+    "LegacyCatalog",
+    "LegacyLayoutError",
+    "NoS3Credentials",
     "TableName",
+    "compact",
     "conform_table",
     "connect",
     "empty_table",
     "format_table",
+    "history",
+    "migrate",
     "rows_to_table",
     "schema_for",
     "sql",
     "table_to_frame",
+    "vacuum",
 ]

@@ -7,7 +7,7 @@ Each field may carry metadata that states its contract, checked by `conform_tabl
 `doc` (what it means), `unit` (of a measured value), `allowed` (comma-separated values), `length`
 (fixed list length) and `format` (`json` or `sha256`). Non-nullable fields are the keys a resume or
 a join relies on.
-The partition column `run_id` lives in the folder names (`run_id=.../`), not inside part files.
+Each table is a Delta table (catalogs/store.py); `run_id` is an ordinary column of every row.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 TableName = Literal["runs", "images", "faces", "reviews", "publications"]
 TABLE_NAMES: tuple[TableName, ...] = ("runs", "images", "faces", "reviews", "publications")
-PARTITION_COLUMN = "run_id"
+PARTITION_COLUMN = "run_id"  # the run column (a folder partition in the legacy layout)
 
 IMAGE_STATUSES: tuple[str, ...] = ("ok", "no_face", "failed", "skipped")
 # A curator's verdict on one restored face: publish it, keep the source pixels, or decide later.
@@ -43,7 +43,7 @@ def _f(name: str, type_: pa.DataType, doc: str, *, nullable: bool = True, **rule
 
 
 def _run_id() -> pa.Field:
-    return _f("run_id", pa.string(), "run that wrote the row (partition column)", nullable=False)
+    return _f("run_id", pa.string(), "run that wrote the row", nullable=False)
 
 
 def _config_hash() -> pa.Field:
@@ -154,9 +154,7 @@ FACES_SCHEMA = pa.schema(
         _f("t_start", pa.int32(), "diffusion start step (original 0-999 grid) from the DSST lookup"),
         _f("bucket", pa.int32(), "t_start bucket the face was batched in (t_start // 50)"),
         _f("eta", pa.float64(), "DDIM eta of the face's sampling"),
-        _f(
-            "guidance_levels", pa.list_(pa.float32()), "blur std of each guidance level", unit="px at 512"
-        ),
+        _f("guidance_levels", pa.list_(pa.float32()), "blur std of each guidance level", unit="px at 512"),
         _f("n_steps", pa.int32(), "sampling steps run"),
         _f("output_uri", pa.string(), "restored aligned face"),
         _f("identity_similarity", pa.float64(), "identity cosine similarity input vs output"),

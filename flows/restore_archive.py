@@ -25,7 +25,7 @@ from catalogs.lease import Heartbeat, LeaseLostError, LeaseRecord, acquire
 from dynface.restorer import Method
 from tasks.bucket import bucket
 from tasks.cancel import cancel_requested
-from tasks.commit import commit
+from tasks.commit import commit, compact_tables
 from tasks.compose import compose
 from tasks.detect_align import detect_align
 from tasks.discover import discover, prepare_run
@@ -117,6 +117,7 @@ def restore_archive(
     wave_shards: int = 2,
     keep_work: bool = False,
     wait_for_catalog: bool = False,
+    compact_catalog: bool = True,
 ) -> RunSummary:
     """Restore the faces of every image under `source` into `dest`, recording them in the catalog.
 
@@ -132,6 +133,8 @@ def restore_archive(
     wave_shards: shards sampled together (more keeps more actors busy, commits less often).
     keep_work: keep `{dest}/.work/{run_id}` (intermediate crops and tables) after success.
     wait_for_catalog: when another run holds the catalog's lease, wait for it instead of failing.
+    compact_catalog: compact the catalog's runs, images and faces tables when the run ends, after
+    its lease is released (a failed compaction is logged; the run's rows are committed already).
     """
     if shard_size < 1 or wave_shards < 1:
         raise ValueError("shard_size and wave_shards must be >= 1")
@@ -159,9 +162,15 @@ def restore_archive(
     with Heartbeat(lease) as heartbeat:
         for abandoned in close_abandoned_runs(ctx):
             get_run_logger().info("run %s had stopped without closing: recorded as abandoned", abandoned)
-        return _run(
+        summary = _run(
             ctx, started_at, t0, heartbeat, shard_size, ray_address, num_actors, wave_shards, keep_work
         )
+    if compact_catalog:  # outside the lease: compaction is safe beside another run's appends
+        try:
+            compact_tables(ctx.catalog)
+        except Exception as err:  # noqa: BLE001 - the next run or `dynface catalog compact` redoes it
+            get_run_logger().warning("catalog compaction failed: %s", short_error(err))
+    return summary
 
 
 def _run(

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from prefect import flow
 
-from dynface.models.swinir import build_swinir
 from dynface.paths import shared_dir
+from dynface.train.chain import transfer_model
 from dynface.train.common import LoopResult
 from dynface.train.data import (
     EXCLUDED_SOURCES,
@@ -35,10 +35,10 @@ from dynface.train.sde import train_sde
 from dynface.train.se import train_se
 from dynface.train.starter import (
     RecipePools,
-    build_starter_dsst,
-    recipe_frozen_nets,
     recipe_pools,
     recipe_rm_pairs,
+    recipe_stages,
+    run_recipe_chain,
     train_starter,
 )
 
@@ -210,8 +210,7 @@ def train_se_flow(
     plan, images, work, pool = s.plan, s.images, Path(work_dir), s.pools().restore
     rm = train_rm(images, work / "rm", plan.rm, pairs=pool)
     sde = train_sde(images, work / "sde", plan.sde)
-    tm = build_swinir(plan.rm.swinir)
-    tm.load_state_dict(rm.model.state_dict())
+    tm = transfer_model(rm.model, plan.rm.swinir)
     result = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=pool)
     return {**_summary(result.loop), "tau": result.tau}
 
@@ -237,13 +236,70 @@ def train_dgsa_flow(
     plan, images, work, pools = s.plan, s.images, Path(work_dir), s.pools()
     prior = train_prior(images, work / "prior", plan.prior)
     rm = train_rm(images, work / "rm", plan.rm, pairs=pools.restore)
-    sde = train_sde(images, work / "sde", plan.sde)
-    tm = build_swinir(plan.rm.swinir)
-    tm.load_state_dict(rm.model.state_dict())
-    se = train_se(images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=pools.restore)
-    dsst = build_starter_dsst(images, plan, source="training faces")
-    nets = recipe_frozen_nets(plan, prior.model, rm.model, se.se, dsst)
     perceptual = dists_loss(vgg16) if vgg16 else None
     config = plan.dgsa if guidance_scale is None else replace(plan.dgsa, guidance_scale=guidance_scale)
-    result = train_dgsa(images, work / "dgsa", config, nets=nets, pool=pools.base, perceptual=perceptual)
-    return {**_summary(result), "guidance_scale": config.guidance_scale}
+    stages = replace(
+        recipe_stages(images, work, plan, pools),
+        dgsa=lambda nets: train_dgsa(
+            images, work / "dgsa", config, nets=nets, pool=pools.base, perceptual=perceptual
+        ),
+    )
+    chain = run_recipe_chain(plan, prior.model, rm.model, stages)
+    assert chain.dgsa is not None
+    return {**_summary(chain.dgsa), "guidance_scale": config.guidance_scale}
+
+
+@flow(name="train-complete")
+def train_complete_flow(
+    base: str,
+    out: str,
+    data: str,
+    steps: dict[str, int] | None = None,
+    batch_sizes: dict[str, int] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    quick: bool = False,
+    checkpoint_every: int = 200,
+    checkpoint_uri: str | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
+    device: str = "cpu",
+    weights_dir: str | None = None,
+    precision: str | None = None,
+    checkpointing: bool = True,
+    limit: int | None = None,
+    vgg16: str | None = None,
+    degrade_resolution: int = 512,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """`dynface train complete` as a flow (dynface.train.complete.complete): BASE's prior and RM frozen,
+    SDE, SE, DGSA and the DSST table trained on `data`, written to the pack `out`. `steps`: per stage,
+    e.g. {"dgsa": 5000}; `workers`/`ray_address`: data-parallel under Ray Train."""
+    import torch
+
+    from dynface.train.complete import complete, report_json
+    from dynface.train.complete_plan import memory_for
+
+    torch.set_num_threads(threads)
+    report = complete(
+        base,
+        out,
+        data=data,
+        steps=steps,
+        batch_sizes=batch_sizes,
+        seed=seed,
+        resume=resume,
+        quick=quick,
+        checkpoint_every=checkpoint_every,
+        checkpoint_uri=checkpoint_uri,
+        workers=workers,
+        ray_address=ray_address,
+        device=device,
+        weights_dir=weights_dir,
+        memory=memory_for(device, precision, checkpointing=checkpointing),
+        degrade_resolution=degrade_resolution,
+        limit=limit,
+        vgg16=vgg16,
+        progress=False,
+    )
+    return report_json(report)

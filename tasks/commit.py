@@ -1,8 +1,10 @@
-"""Stage 8, commit: catalog rows for a shard, after its outputs exist (the run's rows: tasks/runs.py).
+"""Stage 8, commit: catalog rows for a shard, after its outputs exist (the run's rows: tasks/runs.py);
+and, when a run ends, the compaction of the tables it wrote.
 
-A shard's faces part is written before its images part: an `ok` image row is what a resume trusts,
-so it goes last. A retried commit first looks for this run's rows of the shard and does not write
-them twice. Units: std values in the catalog are pixels at 512 px (resolution-independent).
+A shard's commit is two Delta appends, faces first and images last: the images row is the commit
+marker, the only thing a resume trusts (`Catalog.committed_image_ids`), so a crash between the two
+leaves faces rows that nothing counts as done. A retried commit first looks for this run's rows of
+the shard and does not write them twice. Units: std values in the catalog are pixels at 512 px.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 
 import pyarrow.dataset as ds
 
-from catalogs import Catalog
+from catalogs import Catalog, compact
+from catalogs.maintenance import Compacted
 from dynface.core.dblm import to_reference_std
 from tasks.tables import (
     COMPOSE_FACES,
@@ -121,7 +124,7 @@ def commit_shard_rows(ctx: RunContext, shard: int, samples_uri: str) -> dict[str
     """The stage as a plain function; returns {status: count} of the shard's images."""
     images, faces = catalog_rows(ctx, shard, samples_uri)
     cat = Catalog(ctx.catalog)
-    for table, rows in (("faces", faces), ("images", images)):
+    for table, rows in (("faces", faces), ("images", images)):  # the images append is the marker
         ids = {r["image_id"] for r in rows}
         if rows and not _already_written(cat, table, ctx.run_id, ids):
             cat.write_part(table, rows, run_id=ctx.run_id)
@@ -132,3 +135,12 @@ def commit_shard_rows(ctx: RunContext, shard: int, samples_uri: str) -> dict[str
 def commit(ctx: RunContext, shard: int, samples_uri: str) -> dict[str, int]:
     """Append the shard's faces and images rows to the catalog; returns {status: count}."""
     return commit_shard_rows(ctx, shard, samples_uri)
+
+
+RUN_TABLES = ("runs", "images", "faces")
+
+
+@stage_task("compact_tables", retries=2)
+def compact_tables(catalog: str) -> list[Compacted]:
+    """Merge the small files of the tables a run writes (safe while other runs append)."""
+    return compact(Catalog(catalog), RUN_TABLES)

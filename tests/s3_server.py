@@ -5,13 +5,16 @@
         monkeypatch.setenv(...)  # apply s3.env (dummy keys, no metadata probe, endpoint)
         Catalog("s3://catalog/x", storage_options=s3.storage_options)
 
-moto keeps its state per process, shared by every server in it; the state is reset on exit.
-s3fs caches filesystem instances (and with them the endpoint read from the environment), so the
-cache is cleared on entry and exit.
+The server runs in a child process: delta-rs holds the GIL through some S3 calls (`DeltaTable.history`
+in deltalake 1.6.6), which starves a server thread in the test's own process until the request
+times out. Each server has its own state, reset on exit. s3fs caches filesystem instances (and with
+them the endpoint read from the environment), so the cache is cleared on entry and exit.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,16 +74,28 @@ def _clear_s3fs_cache() -> None:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+# The child: moto's threaded server on a free loopback port; prints the port, serves until stdin closes.
+_SERVE = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
 @contextmanager
 def s3_server() -> Iterator[S3Server]:
-    """Start moto on 127.0.0.1 (free port), yield its `S3Server`, then reset moto and stop it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    """Start moto on 127.0.0.1 (free port) in a child process; yield its `S3Server`; reset and stop it."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SERVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        endpoint = f"http://127.0.0.1:{port}"
         _clear_s3fs_cache()
         yield S3Server(endpoint_url=endpoint)
         request = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
@@ -89,4 +104,10 @@ def s3_server() -> Iterator[S3Server]:
             pass
     finally:
         _clear_s3fs_cache()
-        server.stop()
+        if child.stdin is not None:
+            child.stdin.close()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

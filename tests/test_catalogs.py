@@ -1,4 +1,5 @@
-"""Catalog schemas, atomic part files, resume helpers and SQL: local, file://, memory:// and loopback S3."""
+"""Catalog schemas, Delta appends, resume helpers and SQL: local, file:// and loopback S3.
+(Delta specifics: crashes, concurrent writers, maintenance, migration: tests/test_catalog_delta.py.)"""
 
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ from catalogs import (
 
 BUCKET = "dynface-catalog-test"
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
-PART_NAME = re.compile(r"part-\d{8}T\d{12}Z-[0-9a-f]{32}\.parquet")
 
 
 def sha(name: str) -> str:
@@ -82,16 +82,10 @@ def s3() -> Iterator[S3Server]:
         yield server
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "s3"])
 def catalog(request: pytest.FixtureRequest, tmp_path) -> Iterator[Catalog]:
     if request.param == "local":
         yield Catalog(str(tmp_path / "catalog"))
-    elif request.param == "memory":
-        cat = Catalog(f"memory://dynface-test-{uuid.uuid4().hex}/catalog")
-        yield cat
-        fs, root = cat.filesystem()
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
     else:
         server = request.getfixturevalue("s3")
         yield Catalog(f"s3://{BUCKET}/{uuid.uuid4().hex}/catalog", storage_options=server.storage_options)
@@ -211,9 +205,8 @@ def test_round_trip_all_tables(catalog: Catalog):
     after = dt.datetime.now(dt.UTC)
     fs, _ = catalog.filesystem()
     for table_name, uri in zip(("runs", "images", "faces"), uris, strict=True):
-        folder, name = uri.rsplit("/", 1)
-        assert folder == f"{catalog.uri.rstrip('/')}/{table_name}/run_id=r1" and PART_NAME.fullmatch(name)
-        assert fs.exists(fsspec.core.strip_protocol(uri))
+        assert uri == catalog.table_uri(table_name) and uri.endswith(f"/{table_name}")
+        assert fs.exists(f"{fsspec.core.strip_protocol(uri)}/_delta_log/00000000000000000001.json")
 
     runs = catalog.read("runs")
     assert len(runs) == 1 and runs.loc[0, "started_at"] == pd.Timestamp(T0)
@@ -229,7 +222,7 @@ def test_round_trip_all_tables(catalog: Catalog):
     assert got.loc[0, "is_grayscale"] and pd.isna(got.loc[1, "is_grayscale"])
     assert got.loc[1, "error"] == "broken file" and pd.isna(got.loc[0, "error"])
     assert all(before <= t.to_pydatetime() <= after for t in got["committed_at"])
-    # The partition column: plain strings, not a dictionary/category.
+    # The run column: plain strings, not a dictionary/category.
     assert not isinstance(got["run_id"].dtype, pd.CategoricalDtype)
     assert pd.api.types.is_string_dtype(got["run_id"]) and got["run_id"].tolist() == ["r1", "r1"]
     assert catalog.read_arrow("images").schema.field("run_id").type == pa.string()
@@ -270,16 +263,14 @@ def test_parts_runs_and_filters(catalog: Catalog):
         catalog.read("images", run_id="../r1")
 
 
-def test_readers_ignore_hidden_and_stray_files(catalog: Catalog):
+def test_readers_ignore_files_the_log_does_not_name(catalog: Catalog):
     catalog.write_part("images", [image_row("r1", "a", "ok")], run_id="r1")
     fs, root = catalog.filesystem()
     for junk in [
-        "images/run_id=r1/.tmp-part-1.parquet",
-        "images/run_id=r1/_SUCCESS",
-        "images/run_id=r1/_tmp.parquet",
-        "images/_staging/part-2.parquet",
-        "images/run_id=r2/notes.txt",
-        "images/stray.parquet",
+        "images/part-00000-crashed-write-c000.zstd.parquet",  # a data file whose commit never happened
+        "images/_SUCCESS",
+        "images/notes.txt",
+        "images/stray/part-2.parquet",
     ]:
         if catalog.uri.startswith(("/", "file:")):
             fs.makedirs(os.path.dirname(f"{root}/{junk}"), exist_ok=True)
@@ -394,74 +385,56 @@ def test_sql_on_empty_catalog(catalog: Catalog):
     assert joined["n"].tolist() == [0]
 
 
-# --------------------------------------------------------------------------- atomicity (local files)
+# --------------------------------------------------------------------------- local Delta tables
 
 
 def _tree(root) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
 
 
-def test_local_writes_leave_only_part_files(tmp_path):
+def test_local_writes_are_one_delta_commit_each(tmp_path):
     cat = Catalog(tmp_path.as_uri())  # file:// URIs and plain paths name the same files
-    uris = [cat.write_part("images", [image_row("r1", name, "ok")], run_id="r1") for name in "abc"]
-    assert all(uri.startswith(f"file://{tmp_path}/images/run_id=r1/part-") for uri in uris)
+    uris = {cat.write_part("images", [image_row("r1", name, "ok")], run_id="r1") for name in "abc"}
+    assert uris == {f"{tmp_path}/images"}
     files = _tree(tmp_path)
-    assert len(files) == 3
-    assert all(f.startswith("images/run_id=r1/") and PART_NAME.fullmatch(os.path.basename(f)) for f in files)
+    data = [f for f in files if f.endswith(".parquet")]
+    log = [f for f in files if f.startswith("images/_delta_log/") and f.endswith(".json")]
+    assert len(data) == 3 and all(f.startswith("images/part-") for f in data)
+    assert len(log) == 4  # version 0 creates the (empty) table, then one version per write
     assert sorted(Catalog(str(tmp_path)).read("images")["relative_path"]) == ["a.jpg", "b.jpg", "c.jpg"]
 
 
-def test_table_folders_read_directly_by_pandas_and_duckdb(tmp_path):
+def test_tables_read_by_deltalake_pandas_and_duckdb(tmp_path):
+    from deltalake import DeltaTable
+
     cat = Catalog(str(tmp_path))
     cat.write_part("images", [image_row("r1", "a", "ok"), image_row("r1", "b", "failed")], run_id="r1")
     cat.write_part("images", [image_row("20250301", "c", "ok")], run_id="20250301")
-    (tmp_path / "images" / "run_id=r1" / ".tmp-part-x.parquet").write_bytes(b"crashed write")
-    frame = pd.read_parquet(tmp_path / "images")
-    assert sorted(zip(frame["run_id"].astype(str), frame["relative_path"], strict=True)) == [
+    frame = DeltaTable(str(tmp_path / "images")).to_pandas()
+    assert sorted(zip(frame["run_id"], frame["relative_path"], strict=True)) == [
         ("20250301", "c.jpg"),
         ("r1", "a.jpg"),
         ("r1", "b.jpg"),
     ]
-    glob = f"{tmp_path}/images/*/part-*.parquet"
-    rows = duckdb.sql(
-        f"SELECT run_id, status FROM read_parquet('{glob}', hive_partitioning=true) ORDER BY relative_path"
-    ).fetchall()
+    files = DeltaTable(str(tmp_path / "images")).file_uris()
+    rows = duckdb.sql(f"SELECT run_id, status FROM read_parquet({files}) ORDER BY relative_path").fetchall()
     assert rows == [("r1", "ok"), ("r1", "failed"), ("20250301", "ok")]
 
 
-def test_crash_before_replace_publishes_nothing(tmp_path, monkeypatch):
+def test_a_data_file_without_its_commit_is_never_read(tmp_path):
+    """A writer killed after uploading its data file but before creating its log entry leaves a file
+    no reader, resume or SQL sees; the re-run commits the rows."""
+    import pyarrow.parquet as pq
+
     cat = Catalog(str(tmp_path))
     cat.write_part("images", [image_row("r1", "a", "ok")], run_id="r1")
-
-    def crash(*args, **kwargs):
-        raise OSError("simulated crash")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        cat.write_part("images", [image_row("r1", "b", "ok")], run_id="r1")
-    monkeypatch.undo()
-    assert len(_tree(tmp_path)) == 1  # the temp file was removed
+    orphan = rows_to_table([image_row("r1", "b", "ok")], IMAGES_SCHEMA)
+    pq.write_table(orphan, tmp_path / "images" / "part-00000-killed-before-commit-c000.zstd.parquet")
     assert cat.read("images")["image_id"].tolist() == [sha("a")]
-
-
-def test_hard_crash_leaves_only_a_hidden_temp_file(tmp_path, monkeypatch):
-    cat = Catalog(str(tmp_path))
-
-    def crash(*args, **kwargs):
-        raise OSError("killed")
-
-    # Killed between writing the temp file and publishing it: no cleanup runs either.
-    monkeypatch.setattr(os, "replace", crash)
-    monkeypatch.setattr(os, "remove", lambda path: None)
-    with pytest.raises(OSError, match="killed"):
-        cat.write_part("images", [image_row("r1", "a", "ok")], run_id="r1")
-    monkeypatch.undo()
-    files = _tree(tmp_path)
-    assert len(files) == 1 and os.path.basename(files[0]).startswith(".tmp-part-")
-    assert len(cat.read("images")) == 0 and cat.committed_image_ids("cfg-a") == set()
-    assert sql(cat, "SELECT COUNT(*) AS n FROM images")["n"].tolist() == [0]
-    cat.write_part("images", [image_row("r1", "a", "ok")], run_id="r1")  # the re-run commits it
     assert cat.committed_image_ids("cfg-a") == {sha("a")}
+    assert sql(cat, "SELECT COUNT(*) AS n FROM images")["n"].tolist() == [1]
+    cat.write_part("images", [image_row("r1", "b", "ok")], run_id="r1")  # the re-run commits it
+    assert cat.committed_image_ids("cfg-a") == {sha("a"), sha("b")}
 
 
 # --------------------------------------------------------------------------- S3, the value object, format

@@ -9,7 +9,6 @@ import json
 from collections.abc import Iterator
 
 import numpy as np
-import pandas as pd
 import pytest
 from make_bad_inputs import synthetic_face
 from PIL import Image
@@ -110,8 +109,13 @@ def test_outputs_and_catalog_rows_are_on_s3(first_run, photos, s3fs_client):
             assert im.size == (32, 32)
     assert not fs.exists("restored/run1/restored/2019/index.txt")
     assert listing(fs, "restored/run1/.work") == {}  # the work folder is removed after success
-    parts = fs.glob(f"restored/run1/catalog/images/run_id={first_run.run_id}/part-*.parquet")
-    assert len(parts) == 2  # one images part per shard (3 + 1 images)
+    commits = Catalog(f"{DEST}/catalog").delta_table("images").history()
+    appends = [
+        c for c in commits if c["operation"] == "WRITE" and c.get("dynface.run_id") == first_run.run_id
+    ]
+    assert len(appends) == 2  # one images append per shard (3 + 1 images)
+    images_table = Catalog(f"{DEST}/catalog").delta_table("images")
+    assert commits[0]["operation"] == "OPTIMIZE" and len(images_table.file_uris()) == 1  # run end
 
     catalog = Catalog(f"{DEST}/catalog")
     images = catalog.read("images").set_index("relative_path").sort_index()
@@ -155,10 +159,13 @@ def test_catalog_sql_and_pandas_over_s3(first_run, photos, capsys: pytest.Captur
     )
     assert main(["catalog", "sql", f"{DEST}/catalog", join]) == 0
     assert capsys.readouterr().out.split()[:2] == ["n", "4"]
-    # pandas reads the hive-partitioned table straight from S3 (s3fs, settings from the environment).
-    images = pd.read_parquet(f"{DEST}/catalog/images")
+    # pandas reads the Delta table straight from S3 through deltalake (settings as the catalog has them).
+    from deltalake import DeltaTable
+
+    catalog = Catalog(f"{DEST}/catalog")
+    images = DeltaTable(catalog.table_uri("images"), storage_options=catalog.delta_options()).to_pandas()
     assert sorted(images["relative_path"]) == sorted(PHOTOS)
-    assert set(images["run_id"].astype(str)) == {first_run.run_id}
+    assert set(images["run_id"]) == {first_run.run_id}
 
 
 def test_a_bucket_is_never_created(

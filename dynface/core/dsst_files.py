@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
 import numpy as np
 
+from dynface.core.diffusion import linear_betas
 from dynface.core.dsst import DSSTTable, build_dsst_table, psd_and_count
 from dynface.images.folders import iter_images
 
@@ -51,4 +53,24 @@ def build_dsst_table_from_images(
         n_images=count,
         source=uri,
         **kw,
+    )
+
+
+def pack_dsst_table(
+    images: Iterable[np.ndarray], *, resolution: int, std_range: tuple[float, float], source: str
+) -> DSSTTable:
+    """A pack's table from its training faces (H, W, 3) at `resolution`: their mean power spectrum, the
+    pack's std range on a 0.1-px-at-512 grid, tol calibrated so that the largest std starts at the top
+    of the range (spec §3.6–3.7; the training recipes' tables)."""
+    psd, count = psd_and_count(images)
+    return build_dsst_table(
+        psd,
+        np.cumprod(1.0 - linear_betas()),
+        resolution=resolution,
+        std_min=std_range[0],
+        std_max=std_range[1],
+        std_step=0.1 * resolution / 512,
+        tol=None,
+        n_images=count,
+        source=source,
     )

@@ -282,3 +282,25 @@ def verify_pinned(manifest: PackManifest) -> None:
                     f"pack '{manifest.name}': {name} file {manifest.component_uri(name)} has sha256 {actual},"
                     f" the manifest pins {spec.sha256}"
                 )
+
+
+def verify_pack(pack: str, *, weights_dir: str | None = None) -> PackManifest:
+    """A pack whose every file is pinned and matches: each component's sha256 (none may be unpinned)
+    and each of the manifest's `documents` ({file beside the manifest: sha256}). Returns the resolved
+    manifest; raises ChecksumError (or MissingWeightsError) naming the first file that does not."""
+    from dynface.checkpoints import ChecksumError
+
+    manifest = resolve_pack(pack, weights_dir=weights_dir)
+    unpinned = sorted(name for name, spec in manifest.components.items() if not spec.pinned)
+    if unpinned:
+        raise ChecksumError(f"pack '{manifest.name}': no sha256 pinned for {', '.join(unpinned)}")
+    verify_pinned(manifest)
+    data = yaml.safe_load(read_bytes(manifest.uri).decode())  # JSON is YAML too
+    for name, expected in sorted((data.get("documents") or {}).items()):
+        uri = f"{manifest.manifest_dir}/{check_relative(name, pack=manifest.uri)}"
+        actual = sha256_of(uri)
+        if actual != expected:
+            raise ChecksumError(
+                f"pack '{manifest.name}': {uri} has sha256 {actual}, the manifest pins {expected}"
+            )
+    return manifest

@@ -24,7 +24,7 @@ from dynface.models.dgsa import build_dgsa
 from dynface.models.se import build_sde
 from dynface.models.swinir import build_swinir, small_params
 from dynface.models.unet import build_unet
-from dynface.packs.manifest import resolve_pack
+from dynface.packs.manifest import check_relative, resolve_pack
 
 
 def _write(uri: str, data: bytes) -> None:
@@ -49,14 +49,27 @@ def write_pack(
     card: str | None = None,
     notice: str | None = None,
     splits: dict[str, Any] | None = None,
+    external: dict[str, dict[str, Any]] | None = None,
+    documents: dict[str, bytes] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """Write `networks` ({component: (module, config)}) and the DSST table; returns the manifest URI.
+
     `notice`: the one line `dynface restore` prints about what the pack can do; `splits`: the rule that
-    split its faces (dynface.splits.SplitRule.to_manifest)."""
+    split its faces (dynface.splits.SplitRule.to_manifest).
+    `external`: components kept where they are, as manifest entries ({file: explicit URI, sha256,
+    config, ...}; e.g. a base pack's prior). `documents`: {file name: bytes} written beside the manifest
+    and pinned under its `documents` key (model card, training record; `verify_pack` checks them).
+    `extra`: further top-level manifest keys (records only; loading ignores them).
+    """
     folder = folder.rstrip("/")
     fs, path = fsspec.core.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
     components: dict[str, Any] = {}
+    for comp, entry in (external or {}).items():
+        if "://" not in entry["file"] or not entry.get("sha256"):
+            raise ValueError(f"external component {comp!r} needs an explicit URI and its sha256")
+        components[comp] = dict(entry)
     for comp, (module, config) in networks.items():
         data = state_dict_bytes(module)
         _write(f"{folder}/{comp}.safetensors", data)
@@ -78,6 +91,13 @@ def write_pack(
         manifest["notice"] = notice
     if splits:
         manifest["splits"] = splits
+    if documents:
+        pins = {}
+        for name, data in sorted(documents.items()):
+            _write(f"{folder}/{check_relative(name, pack=folder)}", data)
+            pins[name] = sha256_hex(data)
+        manifest["documents"] = pins
+    manifest.update(extra or {})
     uri = f"{folder}/manifest.json"
     _write(uri, json.dumps(manifest, indent=2).encode())
     return uri
@@ -166,7 +186,7 @@ def _relative_inside(uri: str, folder: str) -> str | None:
     return uri[len(base) :] if uri.startswith(base) else None
 
 
-def _explicit_uri(uri: str) -> str:
+def explicit_uri(uri: str) -> str:
     """A located file as a URI a manifest may name: local paths become `file://` URIs."""
     return uri if "://" in uri else f"file://{os.path.abspath(uri)}"
 
@@ -185,11 +205,11 @@ def pin_pack(pack: str, *, out: str, weights_dir: str | None = None) -> str:
         uri = manifest.component_uri(name)
         if spec.pinned and sha256_of(uri) != spec.sha256:
             raise ChecksumError(f"{uri}: sha256 {sha256_of(uri)} does not match the manifest's {spec.sha256}")
-        relative = _relative_inside(_explicit_uri(uri), _explicit_uri(out))
+        relative = _relative_inside(explicit_uri(uri), explicit_uri(out))
         if relative is None and spec.bundled:
             relative = uri.rsplit("/", 1)[-1]
             _write(f"{out}/{relative}", read_bytes(uri))
-        entry: dict[str, Any] = {"file": relative or _explicit_uri(uri), "sha256": spec.sha256}
+        entry: dict[str, Any] = {"file": relative or explicit_uri(uri), "sha256": spec.sha256}
         if spec.config:
             entry["config"] = spec.config
         if spec.published:

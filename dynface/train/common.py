@@ -9,11 +9,15 @@ checkpoint and, on a deterministic CPU, reaches bit for bit the state of an unin
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +28,12 @@ from torch import Tensor, nn
 
 LossFn = Callable[[np.random.Generator, int], dict[str, Tensor]]
 LrSchedule = Callable[[int], float]
+GradSync = Callable[[nn.Module], None]
 CHECKPOINT_NAME = "last.pt"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived during `train_loop`: it checkpointed at the step boundary, then raised this."""
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -98,6 +107,15 @@ class LoopResult:
     history: dict[str, list[float]]
     stopped_by: str  # "steps" | "budget" | "stop_after"
 
+    def summary(self) -> dict[str, Any]:
+        """What a training record keeps of a stage: steps, seconds, why it stopped, final losses."""
+        return {
+            "steps": self.step,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "stopped_by": self.stopped_by,
+            "final": {k: round(self.final(k), 6) for k in sorted(self.history)},
+        }
+
     def final(self, key: str = "loss", window: int = 50) -> float:
         """Mean of the last `window` logged values of `key` (nan if none)."""
         vals = self.history.get(key, [])[-window:]
@@ -110,8 +128,40 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _is_local(uri: str | Path) -> bool:
+    return "://" not in str(uri) or str(uri).startswith("file://")
+
+
+def _local_path(uri: str | Path) -> Path:
+    return Path(str(uri).removeprefix("file://"))
+
+
+def save_state(obj: Any, uri: str | Path) -> None:
+    """torch.save to a local path (atomically, via a temporary file) or any fsspec URI."""
+    if _is_local(uri):
+        path = _local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save(obj, path)
+        return
+    import fsspec
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with fsspec.open(str(uri), "wb") as fh:  # object stores publish a file only once it is complete
+        fh.write(buf.getvalue())
+
+
+def state_exists(uri: str | Path) -> bool:
+    if _is_local(uri):
+        return _local_path(uri).is_file()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return bool(fs.isfile(path))
+
+
 def save_checkpoint(
-    path: Path,
+    path: Path | str,
     *,
     step: int,
     model: nn.Module,
@@ -123,7 +173,7 @@ def save_checkpoint(
     stopped_by: str | None,
 ) -> None:
     """Everything needed to continue: weights, optimizer, EMA, both RNG states, history and time spent."""
-    _atomic_save(
+    save_state(
         {
             "step": step,
             "model": model.state_dict(),
@@ -139,8 +189,31 @@ def save_checkpoint(
     )
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """A checkpoint written by `save_checkpoint`, from a local path or any fsspec URI. Not weights-only:
+    it holds numpy's generator state and the loss history; read only checkpoints this code wrote."""
+    if _is_local(path):
+        return torch.load(_local_path(path), map_location="cpu", weights_only=False)
+    from dynface.checkpoints import read_bytes
+
+    return torch.load(io.BytesIO(read_bytes(str(path))), map_location="cpu", weights_only=False)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT/SIGTERM while the block runs (main thread only; elsewhere never set)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def save_loss_curve(history: Mapping[str, list[float]], path: Path, *, title: str, smooth: int = 25) -> None:
@@ -181,10 +254,18 @@ def train_loop(
     out_dir: Path,
     config: LoopConfig,
     lr_at: LrSchedule | None = None,
+    checkpoint_uri: str | None = None,
+    grad_sync: GradSync | None = None,
+    writes: bool = True,
 ) -> LoopResult:
     """Run (or resume, from `<out_dir>/last.pt`) `config.steps` optimisation steps of `loss_fn`.
 
     `lr_at(step)` sets every parameter group's lr, times the group's optional "lr_scale" entry.
+    `checkpoint_uri`: where the checkpoint lives instead (a local path or any fsspec URI).
+    `grad_sync(model)` runs after every backward, before clipping (data-parallel training averages the
+    workers' gradients there, dynface.train.parallel); `writes`: False on every data-parallel worker but
+    the first, which alone writes the checkpoint and the loss curve. SIGINT/SIGTERM (main thread) end the
+    run at the next step boundary with a checkpoint, then raise `TrainingInterrupted`.
 
     The model must already be seeded/initialised by the caller (call `seed_everything` before building
     it); on resume its weights, the optimizer, EMA and RNG states are replaced by the checkpoint's.
@@ -193,13 +274,13 @@ def train_loop(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_NAME
+    ckpt_path: Path | str = checkpoint_uri if checkpoint_uri is not None else out_dir / CHECKPOINT_NAME
     model.to(config.device)  # parameters keep their identity, so the caller's optimizer still holds them
     rng = np.random.default_rng(config.seed)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema_decay is not None else None
     history: dict[str, list[float]] = {}
     step, elapsed, stopped_by = 0, 0.0, None
-    if ckpt_path.exists():
+    if state_exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -212,6 +293,8 @@ def train_loop(
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
 
     def checkpoint() -> None:
+        if not writes:
+            return
         save_checkpoint(
             ckpt_path,
             step=step,
@@ -229,44 +312,52 @@ def train_loop(
     bar = tqdm(total=config.steps, initial=step, desc=name, disable=not config.progress, mininterval=10)
     fixed_state = rng.bit_generator.state, torch.get_rng_state()
     first_step = step
-    while stopped_by is None and step < config.steps:
-        if config.stop_after is not None and step - first_step >= config.stop_after:
-            stopped_by = "stop_after"
-            break
-        if config.budget_s is not None and elapsed >= config.budget_s:
-            stopped_by = "budget"
-            break
-        start = time.perf_counter()
-        if config.fixed_batch:
-            rng.bit_generator.state = fixed_state[0]
-            torch.set_rng_state(fixed_state[1])
-        if lr_at is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step) * group.get("lr_scale", 1.0)
-        losses = loss_fn(rng, step)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: non-finite loss at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            ema_update(ema, model, ema_decay_at(step, config.ema_decay))
-        for key, value in losses.items():
-            history.setdefault(key, []).append(float(value.detach()))
-        step += 1
-        elapsed += time.perf_counter() - start
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.4g}", refresh=False)
-        if step % config.ckpt_every == 0:
-            checkpoint()
+    with _stop_on_signals() as interrupted:
+        while stopped_by is None and step < config.steps:
+            if interrupted.is_set():
+                stopped_by = "interrupted"
+                break
+            if config.stop_after is not None and step - first_step >= config.stop_after:
+                stopped_by = "stop_after"
+                break
+            if config.budget_s is not None and elapsed >= config.budget_s:
+                stopped_by = "budget"
+                break
+            start = time.perf_counter()
+            if config.fixed_batch:
+                rng.bit_generator.state = fixed_state[0]
+                torch.set_rng_state(fixed_state[1])
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step) * group.get("lr_scale", 1.0)
+            losses = loss_fn(rng, step)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{name}: non-finite loss at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_sync is not None:
+                grad_sync(model)
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema_update(ema, model, ema_decay_at(step, config.ema_decay))
+            for key, value in losses.items():
+                history.setdefault(key, []).append(float(value.detach()))
+            step += 1
+            elapsed += time.perf_counter() - start
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.4g}", refresh=False)
+            if step % config.ckpt_every == 0:
+                checkpoint()
     bar.close()
     if stopped_by is None:
         stopped_by = "steps" if step >= config.steps else "budget"
     checkpoint()
+    if stopped_by == "interrupted":
+        raise TrainingInterrupted(f"{name}: stopped at step {step}; the checkpoint is at {ckpt_path}")
     model.eval()
     final = ema.eval() if ema is not None else model
     return LoopResult(
@@ -306,8 +397,10 @@ def train_stage(
     loss_fn: LossFn,
     out_dir: str | Path,
     config: StageConfig,
+    **options: Any,
 ) -> LoopResult:
-    """`train_loop` with the stage config's loop settings and its warm-up + cosine learning rate."""
+    """`train_loop` with the stage config's loop settings and its warm-up + cosine learning rate;
+    `options`: train_loop's checkpoint_uri, grad_sync, writes."""
     return train_loop(
         name=name,
         model=model,
@@ -316,4 +409,5 @@ def train_stage(
         out_dir=Path(out_dir),
         config=config.loop_config(),
         lr_at=warmup_cosine(config.lr, warmup=config.warmup, total=config.steps),
+        **options,
     )

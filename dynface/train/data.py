@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -184,8 +185,9 @@ def split_of(face: FaceFile) -> SplitName:
     return DEFAULT_SPLIT_RULE.split_of(face.sha256)
 
 
-def load_image_u8(path: Path, resolution: int) -> np.ndarray:
-    """RGB (resolution, resolution, 3) uint8; PIL bicubic (antialiased when shrinking)."""
+def load_image_u8(path: Path | BinaryIO, resolution: int) -> np.ndarray:
+    """RGB (resolution, resolution, 3) uint8 from a path or an open binary file; PIL bicubic
+    (antialiased when shrinking)."""
     with Image.open(path) as im:
         rgb = im.convert("RGB")
         if rgb.size != (resolution, resolution):

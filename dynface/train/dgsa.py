@@ -92,13 +92,16 @@ def guided_step_x0(
     index: Tensor,
     eta: Tensor,
     config: DGSATrainConfig,
+    noise: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """x0 (B, 3, H, W) in [-1, 1], single-level targets, spaced indices (B,) >= 1 -> x0_{k−1} (B, 3, H, W).
 
-    Noise comes from torch's global RNG. Differentiable in DGSA's parameters only.
+    Noise (forward diffusion, DDIM step) is `noise` when given, else drawn from torch's global RNG.
+    Differentiable in DGSA's parameters only.
     """
+    q_noise, step_noise = noise if noise is not None else (torch.randn_like(x0), torch.randn_like(x0))
     t = diffusion.model_timesteps(index)
-    x_t = diffusion.q_sample(x0, index, torch.randn_like(x0))
+    x_t = diffusion.q_sample(x0, index, q_noise)
     if config.mode == "dps":
         with torch.enable_grad():
             x_in = x_t.detach().requires_grad_(True)
@@ -114,7 +117,7 @@ def guided_step_x0(
     else:
         raise ValueError(f"unknown guidance mode {config.mode!r}")
     out, x0_t, grad = out.detach(), x0_t.detach(), grad.detach()
-    x_prev = diffusion.ddim_step(x_t, index, out, torch.randn_like(x0), eta=eta).prev_sample
+    x_prev = diffusion.ddim_step(x_t, index, out, step_noise, eta=eta).prev_sample
     scale = dgsa(targets.targets[:, 0], x0_t, t)
     x_prev = x_prev - config.guidance_scale * scale * grad
     prev_index = index - 1
@@ -126,6 +129,16 @@ def dgsa_batch(
     nets: FrozenNets, diffusion: Diffusion, lq: Tensor, rng: np.random.Generator, eta_divisor: float
 ) -> tuple[GuidanceTargets, Tensor, Tensor]:
     """DBLM on lq (B, 3, H, W) in [0, 1] -> (single-level targets, spaced index (B,) >= 1, η (B,))."""
+    targets, k_start, eta = dgsa_targets(nets, diffusion, lq, eta_divisor)
+    index = torch.from_numpy(rng.integers(1, np.maximum(k_start, 1) + 1).astype(np.int64)).to(lq.device)
+    return targets, index, eta
+
+
+def dgsa_targets(
+    nets: FrozenNets, diffusion: Diffusion, lq: Tensor, eta_divisor: float
+) -> tuple[GuidanceTargets, np.ndarray, Tensor]:
+    """DBLM on lq (B, 3, H, W) in [0, 1] -> (single-level targets, spaced start index (B,) of the DSST
+    start, η (B,)); the trained step index is drawn from U{1 … start}."""
     dblm = run_dblm(
         lq,
         nets.rm,
@@ -140,9 +153,22 @@ def dgsa_batch(
     k_start = np.asarray(
         diffusion.index_for_timestep(dblm.targets.t_starts[:, 0].cpu().numpy()), dtype=np.int64
     )
-    index = torch.from_numpy(rng.integers(1, np.maximum(k_start, 1) + 1).astype(np.int64)).to(lq.device)
     eta = (to_reference_std(dblm.std_hat, nets.resolution) / eta_divisor).clamp(0, 1)
-    return dblm.targets, index, eta
+    return dblm.targets, k_start, eta
+
+
+def dgsa_loss(
+    x0_prev: Tensor, x0: Tensor, config: DGSATrainConfig, perceptual: Perceptual | None = None
+) -> dict[str, Tensor]:
+    """Σ_b γ_b ‖SWT(x0_{k−1})_b − SWT(x0)_b‖₁ (+ w·DISTS when `perceptual`), with its terms for the log."""
+    swt = swt_l1_loss(x0_prev, x0, config.gammas)
+    terms = {"swt": swt.detach()}
+    loss = swt
+    if perceptual is not None:
+        p = perceptual(x0_prev, x0)
+        terms["perceptual"] = p.detach()
+        loss = loss + config.perceptual_weight * p
+    return {"loss": loss, **terms}
 
 
 def train_dgsa(
@@ -169,13 +195,6 @@ def train_dgsa(
         x0 = to_tensor_batch(gt, dev) * 2 - 1
         targets, index, eta = dgsa_batch(nets, diffusion, to_tensor_batch(lq, dev), rng, config.eta_divisor)
         x0_prev = guided_step_x0(model, nets, diffusion, x0, targets, index, eta, config)
-        swt = swt_l1_loss(x0_prev, x0, config.gammas)
-        terms = {"swt": swt.detach()}
-        loss = swt
-        if perceptual is not None:
-            p = perceptual(x0_prev, x0)
-            terms["perceptual"] = p.detach()
-            loss = loss + config.perceptual_weight * p
-        return {"loss": loss, **terms}
+        return dgsa_loss(x0_prev, x0, config, perceptual)
 
     return train_stage("dgsa", model, opt, loss_fn, out_dir, config)

@@ -13,10 +13,12 @@ the number of workers changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 from torch import Tensor
@@ -29,8 +31,9 @@ from dynface.train.data import FaceFile, faces_cache_key, load_image_u8, resize_
 def face_array_file(
     data_dir: Path | str, faces: Sequence[FaceFile], resolution: int, *, cache_dir: Path | None = None
 ) -> Path:
-    """An .npy file of the faces (N, R, R, 3) uint8 (PIL bicubic to R px), cached in the system temp
-    folder keyed by the files' sha256s: workers map it read-only instead of each holding a copy."""
+    """An .npy file of the faces (N, R, R, 3) uint8 (PIL bicubic to R px; `data_dir` a folder or any
+    fsspec URI, `faces` relative to it), cached in the system temp folder keyed by the files' sha256s:
+    workers map it read-only instead of each holding a copy."""
     if not faces:
         raise ValueError("no faces to store")
     folder = cache_dir if cache_dir is not None else Path(tempfile.gettempdir()) / "dynface_train_cache"
@@ -38,12 +41,14 @@ def face_array_file(
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # workers on one node may build it at once
     arr = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=np.uint8, shape=(len(faces), resolution, resolution, 3)
     )
+    root = str(data_dir).rstrip("/")
     for i, face in enumerate(faces):
-        arr[i] = load_image_u8(Path(data_dir) / face.file, resolution)
+        with fsspec.open(f"{root}/{face.file}", "rb") as fh:  # a local folder or any fsspec URI
+            arr[i] = load_image_u8(fh, resolution)
     arr.flush()
     del arr
     tmp.replace(path)
@@ -83,13 +88,26 @@ class FreshPairBatches(Dataset):
         if self._faces is None:
             self._faces = np.load(self.faces_file, mmap_mode="r")
         rng = np.random.default_rng([self.seed, step])
-        lqs, gts = [], []
-        for idx in rng.integers(0, self._faces.shape[0], size=self.batch_size):
-            hq = self._faces[idx].astype(np.float32) / np.float32(255.0)
-            lq, gt = degrade_pair(hq, sample_params(rng, self.ranges), rng=rng)
-            lqs.append(resize_bicubic(lq, self.resolution))
-            gts.append(resize_bicubic(gt, self.resolution))
-        return _chw(np.stack(lqs)), _chw(np.stack(gts))
+        pairs = [self._pair(idx, rng) for idx in rng.integers(0, self._faces.shape[0], size=self.batch_size)]
+        return _chw(np.stack([p[0] for p in pairs])), _chw(np.stack([p[1] for p in pairs]))
+
+    def rows(self, step: int, rows: range) -> tuple[Tensor, Tensor]:
+        """Rows `rows` of step `step`'s batch, each (len(rows), 3, R, R). Unlike an item, every row is a
+        pure function of (seed, step, row) alone: a data-parallel worker makes only its own rows, and the
+        global batch is the same for any number of workers."""
+        if self._faces is None:
+            self._faces = np.load(self.faces_file, mmap_mode="r")
+        pairs = []
+        for row in rows:
+            rng = np.random.default_rng([self.seed, step, row])
+            pairs.append(self._pair(int(rng.integers(0, self._faces.shape[0])), rng))
+        return _chw(np.stack([p[0] for p in pairs])), _chw(np.stack([p[1] for p in pairs]))
+
+    def _pair(self, idx: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        assert self._faces is not None
+        hq = self._faces[idx].astype(np.float32) / np.float32(255.0)
+        lq, gt = degrade_pair(hq, sample_params(rng, self.ranges), rng=rng)
+        return resize_bicubic(lq, self.resolution), resize_bicubic(gt, self.resolution)
 
     def __getstate__(self) -> dict[str, object]:
         # Workers reopen the memory map rather than receive a pickled copy of the faces.

@@ -94,7 +94,8 @@ class SEResult:
 
 
 @torch.no_grad()
-def _restored_and_psnr(rm: nn.Module, lq: Tensor, gt: Tensor, grid: Tensor) -> Tensor:
+def restored_psnr(rm: nn.Module, lq: Tensor, gt: Tensor, grid: Tensor) -> Tensor:
+    """(B, G) PSNR of RM's output against the ground truth under every grid blur (`blurred_psnr`)."""
     return blurred_psnr(rm(lq).clamp(0, 1), gt, grid)
 
 
@@ -105,6 +106,17 @@ def se_loss(se: StdEstimator, lq: Tensor, gt: Tensor, star: Tensor, std_weight: 
     mse = F.mse_loss(z, gaussian_blur(gt, star))
     l1 = F.l1_loss(se.sde(z.clamp(0, 1)), star)
     return {"loss": mse + std_weight * l1, "mse": mse.detach(), "std_l1": l1.detach()}
+
+
+def se_optimizer(se: StdEstimator, config: SETrainConfig) -> torch.optim.Optimizer:
+    """AdamW over TM at the full lr and the pre-trained SDE at `sde_lr_scale` times it."""
+    assert se.transfer is not None
+    return torch.optim.AdamW(
+        [
+            {"params": list(se.transfer.parameters()), "lr": config.lr},
+            {"params": list(se.sde.parameters()), "lr": config.lr, "lr_scale": config.sde_lr_scale},
+        ]
+    )
 
 
 def train_se(
@@ -128,7 +140,7 @@ def train_se(
     psnrs = []
     for start in range(0, config.calib_pairs, 16):
         lq, gt = draw_pairs(images, min(16, config.calib_pairs - start), calib_rng, pool)
-        psnrs.append(_restored_and_psnr(rm, to_tensor_batch(lq, dev), to_tensor_batch(gt, dev), grid).cpu())
+        psnrs.append(restored_psnr(rm, to_tensor_batch(lq, dev), to_tensor_batch(gt, dev), grid).cpu())
     psnr = torch.cat(psnrs)
     tau = calibrate_tau(psnr, grid.cpu()) if config.tau is None else float(config.tau)
     labels = std_star(psnr, grid.cpu(), tau)
@@ -137,17 +149,12 @@ def train_se(
 
     seed_everything(config.loop.seed)
     se = StdEstimator(sde, tm)
-    opt = torch.optim.AdamW(
-        [
-            {"params": list(tm.parameters()), "lr": config.lr},
-            {"params": list(sde.parameters()), "lr": config.lr, "lr_scale": config.sde_lr_scale},
-        ]
-    )
+    opt = se_optimizer(se, config)
 
     def loss_fn(rng: np.random.Generator, step: int) -> dict[str, Tensor]:
         lq, gt = draw_pairs(images, config.batch_size, rng, pool)
         lq_t, gt_t = to_tensor_batch(lq, dev), to_tensor_batch(gt, dev)
-        star = std_star(_restored_and_psnr(rm, lq_t, gt_t, grid), grid, tau)
+        star = std_star(restored_psnr(rm, lq_t, gt_t, grid), grid, tau)
         return se_loss(se, lq_t, gt_t, star, config.std_weight)
 
     result = train_stage("se", se, opt, loss_fn, out, config)

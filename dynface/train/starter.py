@@ -26,8 +26,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dynface.core.diffusion import linear_betas
-from dynface.core.dsst import DSSTTable, build_dsst_table, mean_power_spectrum
+from dynface.core.dsst import DSSTTable
+from dynface.core.dsst_files import pack_dsst_table
 from dynface.core.dsst_plot import plot_dsst_table
 from dynface.evaluation import (
     DEFAULT_SEEDS,
@@ -38,12 +38,12 @@ from dynface.evaluation import (
     evaluate_variants,
     tune_on_validation,
 )
-from dynface.models.swinir import build_swinir
 from dynface.packs.writer import write_pack
 from dynface.paths import shared_dir
 from dynface.restorer import Restorer
 from dynface.splits import DEFAULT_SPLIT_RULE, SplitName
 from dynface.train.card import CardFacts, render_card
+from dynface.train.chain import Chain, ChainStages, run_chain
 from dynface.train.common import LoopResult, count_params
 from dynface.train.data import (
     EXCLUDED_SOURCES,
@@ -60,7 +60,7 @@ from dynface.train.data import (
     split_of,
     without_sources,
 )
-from dynface.train.dgsa import FrozenNets, dists_loss, train_dgsa
+from dynface.train.dgsa import dists_loss, train_dgsa
 from dynface.train.fresh_pairs import FreshPairBatches, FreshPairStream, face_array_file
 from dynface.train.plan import (
     RM_PAIR_SOURCES,
@@ -74,7 +74,7 @@ from dynface.train.plan import (
 from dynface.train.prior import train_prior
 from dynface.train.restorer_net import RMPairs, train_rm
 from dynface.train.sde import train_sde
-from dynface.train.se import SEResult, train_se
+from dynface.train.se import train_se
 
 DEFAULT_SCALES = (1.0, 3.0, 10.0, 30.0)
 RECIPE_METHODS = ("lq", "rm_only", "full")  # the recipe's own check; `dynface evaluate` runs the ladder
@@ -97,12 +97,7 @@ class StarterReport:
 
 
 def _stage_summary(result: LoopResult) -> dict[str, Any]:
-    return {
-        "steps": result.step,
-        "elapsed_s": round(result.elapsed_s, 1),
-        "stopped_by": result.stopped_by,
-        "final": {k: round(result.final(k), 6) for k in sorted(result.history)},
-    }
+    return result.summary()
 
 
 def reused_prior(pack_dir: Path, plan: StarterPlan) -> tuple[LoopResult, dict[str, Any]]:
@@ -127,15 +122,26 @@ def reused_prior(pack_dir: Path, plan: StarterPlan) -> tuple[LoopResult, dict[st
     return result, summary
 
 
-def recipe_frozen_nets(
-    plan: StarterPlan, prior: nn.Module, rm: nn.Module, se: nn.Module, dsst: DSSTTable
-) -> FrozenNets:
-    """The frozen networks DGSA trains through, running RM as the pack's sampler will (flip ensemble)."""
-    return FrozenNets(
+def recipe_stages(
+    images: np.ndarray, work: Path, plan: StarterPlan, pools: RecipePools, source: str = "training faces"
+) -> ChainStages:
+    """The starter's SDE, SE (on the RM/SE pool) and DSST stages for the shared chain, in `work`."""
+    return ChainStages(
+        sde=lambda: train_sde(images, work / "sde", plan.sde),
+        se=lambda rm, sde, tm: train_se(
+            images, work / "se", plan.se, rm=rm, sde=sde, tm=tm, pool=pools.restore
+        ),
+        dsst=lambda: build_starter_dsst(images, plan, source=source),
+    )
+
+
+def run_recipe_chain(plan: StarterPlan, prior: nn.Module, rm: nn.Module, stages: ChainStages) -> Chain:
+    """The shared chain after the starter's prior and RM, DGSA running RM as the pack's sampler will."""
+    return run_chain(
         prior=prior,
         rm=rm,
-        se=se,
-        dsst=dsst,
+        rm_config=plan.rm.swinir,
+        stages=stages,
         std_range=plan.std_range,
         resolution=plan.resolution,
         rm_flip_ensemble=bool(plan.sampler.get("rm_flip_ensemble", False)),
@@ -144,19 +150,7 @@ def recipe_frozen_nets(
 
 def build_starter_dsst(images: np.ndarray, plan: StarterPlan, *, source: str) -> DSSTTable:
     """DSST table from the training faces' mean PSD at the pack resolution, tol calibrated (tol=None)."""
-    psd = mean_power_spectrum(iter(images))
-    lo, hi = plan.std_range
-    return build_dsst_table(
-        psd,
-        np.cumprod(1.0 - linear_betas()),
-        resolution=plan.resolution,
-        std_min=lo,
-        std_max=hi,
-        std_step=0.1 * plan.resolution / 512,
-        tol=None,
-        n_images=int(images.shape[0]),
-        source=source,
-    )
+    return pack_dsst_table(iter(images), resolution=plan.resolution, std_range=plan.std_range, source=source)
 
 
 @dataclass(frozen=True, eq=False)
@@ -340,21 +334,16 @@ def train_starter(
     pools = recipe_pools(data, listing, train_files, plan, seed)
     pool, restore_pool, extra_files = pools.base, pools.restore, pools.extra_files
     rm = train_rm(images, work / "rm", plan.rm, pairs=recipe_rm_pairs(data, train_files, pools, plan, seed))
-    sde = train_sde(images, work / "sde", plan.sde)
-    tm = build_swinir(plan.rm.swinir)
-    tm.load_state_dict(rm.model.state_dict())
-    se: SEResult = train_se(
-        images, work / "se", plan.se, rm=rm.model, sde=sde.model, tm=tm, pool=restore_pool
-    )
-    dsst = build_starter_dsst(images, plan, source=f"{len(train_files)} training faces ({data.name})")
+    # SDE → TM from RM → SE → DSST; DGSA follows once ζ is tuned (below).
+    source = f"{len(train_files)} training faces ({data.name})"
+    chain = run_recipe_chain(plan, prior.model, rm.model, recipe_stages(images, work, plan, pools, source))
+    se, dsst = chain.se, chain.dsst
     plot_dsst_table(dsst, str(work / "dsst.png"))
-    nets = recipe_frozen_nets(plan, prior.model, rm.model, se.se, dsst)
     configs = plan.configs()
     networks: dict[str, tuple[Any, dict[str, Any]]] = {
         "prior": (prior.model, configs["prior"]),
         "rm": (rm.model, configs["rm"]),
-        "tm": (se.se.transfer, configs["tm"]),
-        "sde": (se.se.sde, configs["sde"]),
+        **chain.networks(configs),
     }
 
     def write(sampler: dict[str, Any], card: str | None) -> str:
@@ -389,8 +378,14 @@ def train_starter(
         sampler["guidance_scale"] = tuning.best["guidance_scale"]
     dgsa_config = replace(plan.dgsa, guidance_scale=float(sampler["guidance_scale"]))
     perceptual = dists_loss(vgg16, dists_head) if vgg16 else None
-    dgsa = train_dgsa(images, work / "dgsa", dgsa_config, nets=nets, pool=pool, perceptual=perceptual)
-    networks["dgsa"] = (dgsa.model, configs["dgsa"])
+    chain = chain.then_dgsa(
+        lambda nets: train_dgsa(
+            images, work / "dgsa", dgsa_config, nets=nets, pool=pool, perceptual=perceptual
+        )
+    )
+    networks = {**networks, **chain.networks(configs)}
+    dgsa = chain.dgsa
+    assert dgsa is not None
     uri = write(sampler, None)
     evaluation: Evaluation | None = None
     if test:
@@ -401,7 +396,7 @@ def train_starter(
     stages = {
         "prior": prior_summary,
         "rm": _stage_summary(rm),
-        "sde": _stage_summary(sde),
+        "sde": _stage_summary(chain.sde),
         "se": _stage_summary(se.loop),
         "dgsa": _stage_summary(dgsa),
     }
