@@ -671,6 +671,7 @@ def run_train_complete(args: argparse.Namespace) -> int:
 
     import torch
 
+    from app.train_parallel import ray_data_parallel
     from dynface.train.complete import complete, report_json
     from dynface.train.complete_plan import memory_for, parse_batches, parse_steps
 
@@ -687,7 +688,9 @@ def run_train_complete(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoint_uri=args.checkpoint_uri,
         workers=args.workers,
-        ray_address=args.ray_address,
+        data_parallel=ray_data_parallel(
+            args.workers, args.ray_address, use_gpu=args.device.startswith("cuda"), threads=args.threads
+        ),
         device=args.device,
         weights_dir=args.weights_dir,
         memory=memory_for(args.device, args.precision, checkpointing=not args.no_checkpointing),

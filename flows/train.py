@@ -279,6 +279,7 @@ def train_complete_flow(
     e.g. {"dgsa": 5000}; `workers`/`ray_address`: data-parallel under Ray Train."""
     import torch
 
+    from app.train_parallel import ray_data_parallel
     from dynface.train.complete import complete, report_json
     from dynface.train.complete_plan import memory_for
 
@@ -295,7 +296,9 @@ def train_complete_flow(
         checkpoint_every=checkpoint_every,
         checkpoint_uri=checkpoint_uri,
         workers=workers,
-        ray_address=ray_address,
+        data_parallel=ray_data_parallel(
+            workers, ray_address, use_gpu=device.startswith("cuda"), threads=threads
+        ),
         device=device,
         weights_dir=weights_dir,
         memory=memory_for(device, precision, checkpointing=checkpointing),

@@ -23,6 +23,7 @@ import dynface.core.memory as memory_module
 import dynface.models.unet as unet_module
 import dynface.train.fresh_stages as stages
 from app.cli import main
+from app.train_parallel import ray_data_parallel
 from dynface.checkpoints import ChecksumError
 from dynface.core.config import RestoreConfig
 from dynface.core.diffusion import Diffusion
@@ -193,8 +194,22 @@ def test_one_and_two_ray_train_workers_give_the_same_weights(
     """Data-parallel: two CPU workers, each on half of every global batch, gradients averaged, reach the
     weights of one worker on the whole batch (to float tolerance: the sum runs in another order)."""
     kw = {"data": str(faces), "checkpoint_every": 2, **QUICK}
-    one = complete(str(base), str(tmp_path / "one"), checkpoint_uri=str(tmp_path / "c1"), workers=1, **kw)
-    two = complete(str(base), str(tmp_path / "two"), checkpoint_uri=str(tmp_path / "c2"), workers=2, **kw)
+    one = complete(
+        str(base),
+        str(tmp_path / "one"),
+        checkpoint_uri=str(tmp_path / "c1"),
+        workers=1,
+        data_parallel=ray_data_parallel(1, None),
+        **kw,
+    )
+    two = complete(
+        str(base),
+        str(tmp_path / "two"),
+        checkpoint_uri=str(tmp_path / "c2"),
+        workers=2,
+        data_parallel=ray_data_parallel(2, None),
+        **kw,
+    )
     assert one.finished and two.finished
     assert json.loads((tmp_path / "two" / "training.json").read_text())["workers"] == 2
     a, b = _stage_weights(tmp_path / "one"), _stage_weights(tmp_path / "two")

@@ -263,7 +263,7 @@ def train_loop(
     `lr_at(step)` sets every parameter group's lr, times the group's optional "lr_scale" entry.
     `checkpoint_uri`: where the checkpoint lives instead (a local path or any fsspec URI).
     `grad_sync(model)` runs after every backward, before clipping (data-parallel training averages the
-    workers' gradients there, dynface.train.parallel); `writes`: False on every data-parallel worker but
+    workers' gradients there, app.train_parallel); `writes`: False on every data-parallel worker but
     the first, which alone writes the checkpoint and the loss curve. SIGINT/SIGTERM (main thread) end the
     run at the next step boundary with a checkpoint, then raise `TrainingInterrupted`.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -214,7 +214,7 @@ def complete(
     checkpoint_every: int = 200,
     checkpoint_uri: str | None = None,
     workers: int = 0,
-    ray_address: str | None = None,
+    data_parallel: Callable[[CompleteJob], None] | None = None,
     device: str = "cpu",
     weights_dir: str | None = None,
     memory: DGSAMemory | None = None,
@@ -230,7 +230,9 @@ def complete(
     `data`: folder or fsspec URI of HQ aligned faces (`limit`: the first N). `steps`/`batch_sizes`: per
     stage ({"sde": N, ...}; batch sizes are global, split over the workers). `checkpoint_uri`: where the
     stage checkpoints go (default: a temp folder named after `out`); `resume` continues them — without it
-    existing checkpoints are an error. `workers`/`ray_address`: data-parallel under Ray Train.
+    existing checkpoints are an error. `data_parallel`: a runner that trains the job's stages on `workers`
+    workers (the application's Ray Train runner, app.train_parallel.ray_data_parallel); the library itself
+    knows no engine.
     `stop=(stage, n)`: end after n new steps of that stage (tests; the report says it is unfinished).
     """
     started = time.perf_counter()
@@ -259,10 +261,12 @@ def complete(
         progress=progress,
     )
     _check_or_write_run(job, resume)
-    if workers or ray_address:
-        from dynface.train.parallel import train_on_ray
-
-        train_on_ray(job, workers=max(workers, 1), address=ray_address, use_gpu=device.startswith("cuda"))
+    if workers > 1 and data_parallel is None:
+        raise ValueError(
+            f"{workers} workers need a data_parallel runner (app.train_parallel.ray_data_parallel)"
+        )
+    if data_parallel is not None:
+        data_parallel(job)
         done, where = _finished(job)
         if not done:
             return CompleteReport(None, False, where, {}, checkpoints, time.perf_counter() - started)

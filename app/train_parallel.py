@@ -11,6 +11,8 @@ s3://… on a real cluster); the driver then reads the finished stages back from
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +75,13 @@ def train_on_ray(
         trainer.fit()
     finally:
         conn.shutdown()
+
+
+def ray_data_parallel(
+    workers: int, address: str | None, *, use_gpu: bool = False, threads: int = 1
+) -> Callable[[Any], None] | None:
+    """The `data_parallel` runner that `dynface.train.complete.complete` takes: Ray Train on `workers`
+    workers (at least one when only `address` is given); None when neither is asked for (one process)."""
+    if not workers and not address:
+        return None
+    return partial(train_on_ray, workers=max(workers, 1), address=address, use_gpu=use_gpu, threads=threads)
