@@ -125,8 +125,8 @@ def test_wait_returns_once_the_holder_releases(catalog):
 
 def test_the_heartbeat_renews_and_releases(tmp_path):
     catalog = str(tmp_path / "catalog")
-    lease = acquire(catalog, "run-a", ttl=0.4)
+    lease = acquire(catalog, "run-a", ttl=2.0)
     with Heartbeat(lease):
-        time.sleep(1.0)  # more than twice the ttl: only the renewals keep it held
+        time.sleep(5.0)  # more than twice the ttl: only the renewals (every 0.5 s) keep it held
         assert current_holder(catalog).run_id == "run-a"
     assert current_holder(catalog) is None
