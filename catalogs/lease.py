@@ -91,19 +91,23 @@ def _generations(fs: fsspec.AbstractFileSystem, folder: str) -> list[int]:
     return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
 
-def _read_record(fs: fsspec.AbstractFileSystem, folder: str, generation: int) -> LeaseRecord:
-    with fs.open(f"{folder}/{_record_name(generation)}", "rb") as f:
+def _encode(record: LeaseRecord) -> bytes:
+    return json.dumps(asdict(record)).encode()
+
+
+def _newest(fs: fsspec.AbstractFileSystem, folder: str) -> LeaseRecord | None:
+    """The newest generation's record (the lease's state), None before the first run took it."""
+    generations = _generations(fs, folder)
+    if not generations:
+        return None
+    with fs.open(f"{folder}/{_record_name(generations[-1])}", "rb") as f:
         return LeaseRecord(**json.loads(f.read()))
 
 
 def current_holder(catalog: str) -> LeaseRecord | None:
     """The newest lease record when it is held (not free), else None."""
-    fs, folder = _lease_paths(catalog)
-    generations = _generations(fs, folder)
-    if not generations:
-        return None
-    record = _read_record(fs, folder, generations[-1])
-    return None if record.is_free(time.time()) else record
+    record = _newest(*_lease_paths(catalog))
+    return None if record is None or record.is_free(time.time()) else record
 
 
 def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
@@ -118,7 +122,7 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
 
 @dataclass
 class Lease:
-    """A held lease; `renew` on a heartbeat, `release` at the end (or use `hold` as a context)."""
+    """A held lease: `renew` it on a heartbeat and `release` it at the end (`Heartbeat` does both)."""
 
     catalog: str
     record: LeaseRecord
@@ -127,7 +131,7 @@ class Lease:
 
     def _write(self, record: LeaseRecord) -> None:
         fs, folder = _lease_paths(self.catalog)
-        fs.pipe_file(f"{folder}/{_record_name(record.generation)}", json.dumps(asdict(record)).encode())
+        fs.pipe_file(f"{folder}/{_record_name(record.generation)}", _encode(record))
         self.record = record
 
     def _superseded(self) -> bool:
@@ -163,21 +167,19 @@ def acquire(
     fs.makedirs(folder, exist_ok=True)  # a no-op on object stores
     told = False
     while True:
-        generations = _generations(fs, folder)
-        newest = generations[-1] if generations else 0
-        if newest:
-            holder = _read_record(fs, folder, newest)
-            if not holder.is_free(time.time()):
-                if not wait:
-                    raise LeaseHeldError(holder, catalog)
-                if on_wait is not None and not told:
-                    on_wait(holder)
-                    told = True
-                time.sleep(poll_seconds)
-                continue
+        newest = _newest(fs, folder)
+        if newest is not None and not newest.is_free(time.time()):
+            if not wait:
+                raise LeaseHeldError(newest, catalog)
+            if on_wait is not None and not told:
+                on_wait(newest)
+                told = True
+            time.sleep(poll_seconds)
+            continue
+        previous = newest.generation if newest is not None else 0
         me = psutil.Process()
         record = LeaseRecord(
-            generation=newest + 1,
+            generation=previous + 1,
             run_id=run_id,
             host=socket.gethostname(),
             pid=me.pid,
@@ -185,10 +187,8 @@ def acquire(
             acquired_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             expires_at=time.time() + ttl,
         )
-        if _create_exclusive(
-            fs, f"{folder}/{_record_name(record.generation)}", json.dumps(asdict(record)).encode()
-        ):
-            _prune(fs, folder, keep_from=newest)
+        if _create_exclusive(fs, f"{folder}/{_record_name(record.generation)}", _encode(record)):
+            _prune(fs, folder, keep_from=previous)
             return Lease(catalog=catalog, record=record, ttl=ttl)
         # another run created that generation first: look again
 
