@@ -3,7 +3,7 @@
 identity_similarity: cosine similarity of dlib face descriptors, input crop vs restored crop, both
 upsampled to the evaluation's ID_SIZE first, as `dynface evaluate` measures identity
 (`dynface.metrics.identity.identity_similarity_at_id_size`); null when dlib finds no face in either crop
-or the metrics module is unavailable (said once in the log, with the reason). The guidance residual
+or the metrics module is unavailable (logged with the reason, once per shard). The guidance residual
 comes from the sampler (stage 5).
 """
 
