@@ -93,3 +93,43 @@ def test_sample_stage_spreads_over_both_nodes(two_node_cluster, tmp_path: Path):
         for face, res in zip(faces, direct, strict=True):
             diff = np.abs(read_png(face["restored_uri"]).astype(int) - res.image.astype(int))
             assert diff.max() <= 2
+
+
+def test_train_complete_joins_the_cluster_and_trains_on_both_nodes(
+    two_node_cluster, tmp_path: Path, monkeypatch
+):
+    """`train complete --workers 2 --ray-address ADDR`: Ray Train on the existing cluster (one 1-CPU
+    worker per node), left running afterwards; the weights are those of one worker on the whole batch."""
+    import json
+
+    import ray
+    import torch
+    from safetensors.torch import load_file
+    from test_train import _write_faces
+    from test_train_complete import DEGRADE, write_base_pack
+
+    from app.train_parallel import ray_data_parallel
+    from dynface.train.complete import complete
+    from dynface.train.complete_plan import CompleteOptions
+
+    base, faces = write_base_pack(tmp_path / "base"), tmp_path / "faces"
+    _write_faces(faces / "generated", 4, DEGRADE)
+    options = CompleteOptions(quick=True, degrade_resolution=DEGRADE, progress=False, steps={"dgsa": 2})
+
+    def trained(name: str, workers: int, address: str | None) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        runner = ray_data_parallel(workers, address)
+        chosen = CompleteOptions(
+            **{**options.__dict__, "workers": workers, "checkpoint_uri": str(tmp_path / f"c-{name}")}
+        )
+        assert complete(str(base), str(out), str(faces), chosen, data_parallel=runner).finished
+        assert json.loads((out / "training.json").read_text())["workers"] == max(workers, 1)
+        return load_file(str(out / "dgsa.safetensors"))
+
+    ray.shutdown()  # a fresh driver: only the address given leads to the cluster
+    monkeypatch.delenv("RAY_ADDRESS")
+    on_cluster = trained("cluster", 2, two_node_cluster.address)
+    assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 2  # still running
+    alone = trained("alone", 0, None)  # this process, no Ray
+    for key in alone:
+        torch.testing.assert_close(on_cluster[key], alone[key], rtol=1e-3, atol=1e-5, msg=key)
