@@ -277,7 +277,8 @@ def step_train(check: Check) -> None:
     random weights: one training step's time and peak memory at batch 1, 2 and the largest batch the
     memory model lets into 80 % of the free memory (DGSA in bf16 autocast with the frozen UNet's blocks
     checkpointed), and what the default plan would take at the measured rate. Smoke: the quick plan's
-    tiny networks on a 32-px random pack."""
+    tiny networks on a 32-px random pack, the largest batch at most 4, DGSA in fp32 with checkpointing
+    (its bf16 path: tests/test_train_complete.py)."""
     import tempfile
 
     from train_complete_step import STAGES, default_options, plan_for, run
@@ -295,7 +296,8 @@ def step_train(check: Check) -> None:
         f"DGSA {plan.memory.precision}, checkpointing {plan.memory.checkpointing}, {plan.dgsa.mode} "
         f"guidance; one step = forward and backward, no optimizer update"
     )
-    stages = run(device, STAGES, options, time_left=check.left)
+    # the largest batch is measured on the CPU too (at most 4 faces there), so the smoke proves that path
+    stages = run(device, STAGES, options, check.left, largest=True, max_batch=4 if check.smoke else 256)
     print(f"{'stage':<6} {'batch':>6} {'s/step':>9} {'s/face':>9} {'peak GiB':>9}")
     plan_hours: dict = {}
     for stage, entry in stages.items():

@@ -130,11 +130,15 @@ def run(
     stages: tuple[str, ...],
     options: dict[str, Any],
     time_left: Callable[[], float] | None = None,
+    *,
+    largest: bool | None = None,
+    max_batch: int = 256,
 ) -> dict[str, Any]:
     """Per stage: the measured points ({batch: peak bytes and GiB, step seconds}) and the largest batch
-    the memory model allows, or why not (a stage that fails is reported and the others still run).
-    With `time_left` (seconds), a stage that would not fit is skipped, and on a GPU the largest batch
-    shrinks to what this stage's share of the time left allows; both are recorded."""
+    (at most `max_batch`) the memory model allows, or why not (a stage that fails is reported and the
+    others still run). `largest`: measure that batch too (default: on a GPU only). With `time_left`
+    (seconds), a stage that would not fit is skipped and the largest batch shrinks to what this stage's
+    share of the time left allows; both are recorded."""
     on_gpu = torch.device(device).type == "cuda"
     budget = int(available_bytes(device) * 0.8)
     left = time_left or (lambda: float("inf"))
@@ -145,7 +149,10 @@ def run(
             out[stage] = {"skipped": "out of time"}
             continue
         try:
-            out[stage] = _stage(stage, device, options, budget, share=left() / (len(stages) - index))
+            entry = _stage(stage, device, options, budget, max_batch)
+            out[stage] = entry
+            if largest if largest is not None else on_gpu:
+                _largest(stage, device, options, entry, share=left() / (len(stages) - index))
         except Exception as err:  # reported; the next stage still runs
             traceback.print_exc()
             out[stage] = {"failed": f"{type(err).__name__}: {err}"}
@@ -154,37 +161,46 @@ def run(
     return out
 
 
-def _stage(stage: str, device: str, options: dict[str, Any], budget: int, share: float) -> dict[str, Any]:
-    on_gpu = torch.device(device).type == "cuda"
-    points: dict[int, dict[str, Any]] = {}
-    for batch in (1, 2):
-        call = (measure, stage, batch, device, options, on_gpu and batch == 1)
-        peak, seconds = call[0](*call[1:]) if on_gpu else measure_in_subprocess(*call)
-        points[batch] = _point(peak, seconds)
-        print(f"{stage} batch {batch}: {seconds:.3f} s, peak {peak / 2**30:.3f} GiB", flush=True)
-    est = batch_size_for_budget(points[1]["peak_bytes"], points[2]["peak_bytes"], budget)
-    entry: dict[str, Any] = {"points": points, "largest_batch": est.batch_size}
-    if not on_gpu or est.batch_size <= 2:
-        return entry
-    # step time is about linear in the batch too; keep a margin for building the networks
+def _measured(stage: str, batch: int, device: str, options: dict[str, Any], warmup: bool) -> dict[str, Any]:
+    """One point, in this process on a GPU and in a fresh one on the CPU (peak RSS never goes down)."""
+    call = (measure, stage, batch, device, options, warmup)
+    peak, seconds = (
+        call[0](*call[1:]) if torch.device(device).type == "cuda" else measure_in_subprocess(*call)
+    )
+    print(f"{stage} batch {batch}: {seconds:.3f} s, peak {peak / 2**30:.3f} GiB", flush=True)
+    return _point(peak, seconds)
+
+
+def _stage(stage: str, device: str, options: dict[str, Any], budget: int, max_batch: int) -> dict[str, Any]:
+    """Batch 1 and 2 (on a GPU after an untimed warm-up step) and the memory model's largest batch."""
+    warmup = torch.device(device).type == "cuda"
+    points = {batch: _measured(stage, batch, device, options, warmup and batch == 1) for batch in (1, 2)}
+    peaks = points[1]["peak_bytes"], points[2]["peak_bytes"]
+    est = batch_size_for_budget(*peaks, budget, max_batch=max_batch)
+    return {"points": points, "largest_batch": est.batch_size}
+
+
+def _largest(stage: str, device: str, options: dict[str, Any], entry: dict[str, Any], share: float) -> None:
+    """Measure the entry's largest batch, or as many faces as `share` seconds allow (step time is about
+    linear in the batch too; 10 s are kept for building the networks); an out-of-memory is recorded."""
+    points = entry["points"]
+    if entry["largest_batch"] <= 2:
+        return
     per_face = max(points[2]["step_s"] - points[1]["step_s"], points[2]["step_s"] / 2, 1e-6)
-    batch = min(est.batch_size, int((share - 10) / (1.5 * per_face)))
+    batch = min(entry["largest_batch"], int((share - 10) / (1.5 * per_face)))
     if batch <= 2:
-        print(f"{stage} batch {est.batch_size}: skipped, {share:.0f} s of time for it", flush=True)
+        print(f"{stage} batch {entry['largest_batch']}: skipped, {share:.0f} s of time for it", flush=True)
         entry["largest_skipped"] = "out of time"
-        return entry
-    if batch < est.batch_size:
+        return
+    if batch < entry["largest_batch"]:
         entry["time_limited_batch"] = batch
     try:
-        peak, seconds = measure(stage, batch, device, options)
-    except torch.cuda.OutOfMemoryError as err:  # the linear model was optimistic: say so, go on
+        points[batch] = _measured(stage, batch, device, options, warmup=False)
+    except torch.OutOfMemoryError as err:  # the linear model was optimistic: say so, go on
         entry["largest_oom"] = str(err).splitlines()[0]
         print(f"{stage} batch {batch}: out of memory", flush=True)
-        torch.cuda.empty_cache()
-        return entry
-    points[batch] = _point(peak, seconds)
-    print(f"{stage} batch {batch}: {seconds:.3f} s, peak {peak / 2**30:.3f} GiB", flush=True)
-    return entry
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
