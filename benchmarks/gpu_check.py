@@ -318,8 +318,8 @@ def step_train(check: Check) -> None:
         plan_hours[stage] = faces * entry["points"][biggest]["step_s"] / biggest / 3600
     if plan_hours:
         print(
-            "default plan at the measured s/face of the largest measured batch (one device): "
-            + ", ".join(f"{s} {h:.3g} h" for s, h in plan_hours.items())
+            f"{'quick' if check.smoke else 'default'} plan at the s/face of the largest measured batch "
+            "(one device): " + ", ".join(f"{s} {h:.3g} h" for s, h in plan_hours.items())
         )
     check.record("train", {"options": options, "stages": stages, "plan_hours": plan_hours})
     failed = [stage for stage, entry in stages.items() if "failed" in entry]
