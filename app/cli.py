@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from app.train_cli import add_train_command
+
 # No process we start may send traffic off this machine (shared/design/PLATFORM.md); the caller's
 # own settings win. The ephemeral Prefect server needs more than its 20 s default on a busy machine.
 OFFLINE_ENV = {
@@ -620,86 +622,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(ablation_markdown(evaluation.ablation))
     print(f"\nreport: {report}")
     return 0
-
-
-# -- train ------------------------------------------------------------------------------------------
-def add_train_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train model packs")
-    sub = p.add_subparsers(dest="train_command", required=True)
-    s = sub.add_parser("starter", help="train the starter pack from scratch (weights/starter/MODEL_CARD.md)")
-    s.add_argument("args", nargs=argparse.REMAINDER, help="OUT_DIR and options (--quick, --check, ...)")
-    s.set_defaults(handler=run_train_starter)
-    c = sub.add_parser(
-        "complete",
-        help="complete a pack that has a prior and an RM (e.g. difface) with SE, DGSA and a DSST table",
-    )
-    c.add_argument("base", help="base pack: name, manifest path/URI or folder (never modified)")
-    c.add_argument("out", help="folder or URI for the completed pack")
-    c.add_argument("--data", required=True, help="folder or fsspec URI of HQ aligned faces")
-    c.add_argument(
-        "--steps", action="append", default=[], metavar="N|STAGE=N", help="steps of every stage or one"
-    )
-    c.add_argument("--batch", action="append", default=[], metavar="STAGE=N", help="a stage's global batch")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--resume", action="store_true", help="continue the checkpoints of an earlier run")
-    c.add_argument("--quick", action="store_true", help="tiny networks, a few steps per stage (tests)")
-    c.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    c.add_argument("--checkpoint-uri", default=None, help="folder or fsspec URI for the stage checkpoints")
-    c.add_argument("--workers", type=int, default=0, help="data-parallel Ray Train workers (0: this process)")
-    c.add_argument("--ray-address", default=None, help="train on this Ray cluster")
-    c.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per Ray worker)")
-    c.add_argument("--weights-dir", default=None, help="folder or URI holding the base pack's weight files")
-    c.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="DGSA step (bf16 on cuda)")
-    c.add_argument(
-        "--no-checkpointing", action="store_true", help="keep the frozen UNet's activations (more memory)"
-    )
-    c.add_argument("--limit", type=int, default=None, help="train on the first N faces only")
-    c.add_argument("--vgg16", default=None, help="torchvision vgg16-397923af.pth: adds DISTS to DGSA's loss")
-    c.add_argument("--degrade-resolution", type=int, default=512, help="px the degradations are made at")
-    c.add_argument("--threads", type=int, default=1, help="torch threads")
-    c.set_defaults(handler=run_train_complete)
-
-
-def run_train_starter(args: argparse.Namespace) -> int:
-    from dynface.train.starter import cli_main
-
-    return cli_main(list(args.args))
-
-
-def run_train_complete(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
-    from app.train_parallel import ray_data_parallel
-    from dynface.train.complete import complete, report_json
-    from dynface.train.complete_plan import memory_for, parse_batches, parse_steps
-
-    torch.set_num_threads(args.threads)
-    report = complete(
-        args.base,
-        args.out,
-        data=args.data,
-        steps=parse_steps(args.steps),
-        batch_sizes=parse_batches(args.batch),
-        seed=args.seed,
-        resume=args.resume,
-        quick=args.quick,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_uri=args.checkpoint_uri,
-        workers=args.workers,
-        data_parallel=ray_data_parallel(
-            args.workers, args.ray_address, use_gpu=args.device.startswith("cuda"), threads=args.threads
-        ),
-        device=args.device,
-        weights_dir=args.weights_dir,
-        memory=memory_for(args.device, args.precision, checkpointing=not args.no_checkpointing),
-        degrade_resolution=args.degrade_resolution,
-        limit=args.limit,
-        vgg16=args.vgg16,
-    )
-    print(json.dumps(report_json(report), indent=1))
-    return 0 if report.finished else 3
 
 
 # -- entry point ------------------------------------------------------------------------------------

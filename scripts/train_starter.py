@@ -4,14 +4,14 @@
     python scripts/train_starter.py /tmp/pack --quick            # tiny sizes, seconds
     python scripts/train_starter.py weights/starter --check      # only check an existing pack
 
-The command-line logic lives in `dynface.train.starter.cli_main` (for `dynface train starter`).
+The command-line logic lives in `app.train_cli` (`dynface train starter`).
 """
 
 from __future__ import annotations
 
 import sys
 
-from dynface.train.starter import cli_main
+from app.cli import main
 
 if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+    sys.exit(main(["train", "starter", *sys.argv[1:]]))

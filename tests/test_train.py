@@ -37,6 +37,7 @@ from dynface.train.restorer_net import RMTrainConfig, swinir_config, train_rm
 from dynface.train.sde import SDETrainConfig, sde_config, train_sde
 from dynface.train.se import SETrainConfig, blurred_psnr, calibrate_tau, std_star, train_se
 from dynface.train.starter import train_starter
+from dynface.train.starter_options import StarterOptions
 
 STD_RANGE_32 = (1.0 / 16, 15.0 / 16)
 
@@ -433,14 +434,16 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(starter_module, "tune_on_validation", spy_tune)
     report = train_starter(
         out,
-        resolution=32,
-        quick=True,
-        data_dir=data,
-        work_dir=tmp_path / "work",
-        progress=False,
-        tune_faces=2,
-        eval_faces=2,
-        scales=(0.5, 1.0),
+        StarterOptions(
+            resolution=32,
+            quick=True,
+            data_dir=str(data),
+            work_dir=str(tmp_path / "work"),
+            progress=False,
+            tune_faces=2,
+            eval_faces=2,
+            scales=(0.5, 1.0),
+        ),
     )
     assert sorted(hashed) == sorted(str(p) for p in data.rglob("*.png"))
     loaded = load_pack(str(out))  # verifies every sha256
@@ -467,12 +470,12 @@ def test_quick_starter_writes_a_loadable_pack(tmp_path: Path, monkeypatch: pytes
     assert recorded["prior"]["steps"] == report.stages["prior"]["steps"]
 
     # A second run can take the first pack's prior (weights and recorded summary) instead of training one.
-    again = train_starter(
-        tmp_path / "pack2", resolution=32, quick=True, data_dir=data, work_dir=tmp_path / "work2",
-        progress=False, tune_faces=1, eval_faces=2, scales=(1.0,), reuse_prior=out, steps_scale=2.0,
+    again = train_starter(tmp_path / "pack2", StarterOptions(
+        resolution=32, quick=True, data_dir=str(data), work_dir=str(tmp_path / "work2"),
+        progress=False, tune_faces=1, eval_faces=2, scales=(1.0,), reuse_prior=str(out), steps_scale=2.0,
         stage_steps={"dgsa": 5}, rm_pairs="fresh",
-        vgg16=_random_vgg16_file(tmp_path / "vgg16.pth") if default_head_path("dists") else None,
-    )  # fmt: skip
+        vgg16=str(_random_vgg16_file(tmp_path / "vgg16.pth")) if default_head_path("dists") else None,
+    ))  # fmt: skip
     assert again.stages["prior"]["reused_from"] == "pack"
     assert again.stages["rm"]["steps"] == 2 * report.stages["rm"]["steps"]
     assert again.stages["dgsa"]["steps"] == 5  # one stage's steps replaced after the scale
@@ -636,8 +639,11 @@ def test_quick_starter_with_masked_prior_crops_at_64_px(data_dir: Path, tmp_path
         for path in sorted((data_dir / HQ_FOLDER / source).iterdir())[:n]:
             shutil.copyfile(path, data / source / path.name)
     out = tmp_path / "pack"
-    kwargs = {"quick": True, "data_dir": data, "progress": False, "tune_faces": 1, "eval_faces": 1}
-    train_starter(out, resolution=64, work_dir=tmp_path / "work", prior_masked_share=0.5, **kwargs)
+    options = StarterOptions(
+        resolution=64, quick=True, data_dir=str(data), work_dir=str(tmp_path / "work"), progress=False,
+        tune_faces=1, eval_faces=1, prior_masked_share=0.5,
+    )  # fmt: skip
+    train_starter(out, options)
     card = (out / "MODEL_CARD.md").read_text()
     assert "50% re-aligned tight crops" in card and "prior (re-aligned, masked loss)" in card
     load_pack(str(out))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from dynface.packs.manifest import read_manifest, verify_pack
 from dynface.packs.writer import power_law_psd
 from dynface.restorer import Restorer
 from dynface.train.complete import complete
+from dynface.train.complete_plan import CompleteOptions
 from dynface.train.dgsa import DGSATrainConfig, FrozenNets
 from dynface.train.fresh_stages import DGSAMemory, dgsa_step_loss, freeze
 
@@ -55,7 +57,7 @@ DIFFACE_LIKE_UNET = {  # the DifFace prior's block structure (multi-depth res bl
     "use_scale_shift_norm": True,
     "resblock_updown": False,
 }
-QUICK = {"quick": True, "degrade_resolution": DEGRADE, "progress": False}
+QUICK = CompleteOptions(quick=True, degrade_resolution=DEGRADE, progress=False)
 
 
 def write_base_pack(folder: Path) -> Path:
@@ -122,13 +124,7 @@ def _check_full_method(pack: Path) -> None:
 def test_complete_on_generated_faces(base: Path, faces: Path, tmp_path: Path) -> None:
     before = _hashes(base)
     out = tmp_path / "out"
-    report = complete(
-        str(base),
-        str(out),
-        data=str(faces),
-        checkpoint_uri=str(tmp_path / "ckpt"),
-        **QUICK,
-    )
+    report = complete(str(base), str(out), str(faces), replace(QUICK, checkpoint_uri=str(tmp_path / "ckpt")))
     assert report.finished and report.manifest_uri == f"{out}/manifest.json"
     assert _hashes(base) == before  # the base pack is never modified
     manifest = verify_pack(str(out))
@@ -171,15 +167,16 @@ def test_complete_on_the_shared_hq_faces_from_the_command_line(
 def test_restart_from_a_mid_stage_checkpoint_gives_the_same_weights(
     base: Path, faces: Path, tmp_path: Path
 ) -> None:
-    kw = {"data": str(faces), **QUICK}
-    whole = complete(str(base), str(tmp_path / "whole"), checkpoint_uri=str(tmp_path / "c1"), **kw)
-    ckpt = str(tmp_path / "c2")
-    stopped = complete(str(base), str(tmp_path / "split"), checkpoint_uri=ckpt, stop=("se", 1), **kw)
+    data = str(faces)
+    first = replace(QUICK, checkpoint_uri=str(tmp_path / "c1"))
+    whole = complete(str(base), str(tmp_path / "whole"), data, first)
+    again = replace(QUICK, checkpoint_uri=str(tmp_path / "c2"))
+    stopped = complete(str(base), str(tmp_path / "split"), data, again, stop=("se", 1))
     assert not stopped.finished and stopped.stopped == "se at step 1"
     assert not (tmp_path / "split").exists()
     with pytest.raises(FileExistsError, match="--resume"):
-        complete(str(base), str(tmp_path / "split"), checkpoint_uri=ckpt, **kw)
-    resumed = complete(str(base), str(tmp_path / "split"), checkpoint_uri=ckpt, resume=True, **kw)
+        complete(str(base), str(tmp_path / "split"), data, again)
+    resumed = complete(str(base), str(tmp_path / "split"), data, replace(again, resume=True))
     assert resumed.finished and whole.finished
     a, b = _stage_weights(tmp_path / "whole"), _stage_weights(tmp_path / "split")
     for comp in a:
@@ -193,22 +190,20 @@ def test_one_and_two_ray_train_workers_give_the_same_weights(
 ) -> None:
     """Data-parallel: two CPU workers, each on half of every global batch, gradients averaged, reach the
     weights of one worker on the whole batch (to float tolerance: the sum runs in another order)."""
-    kw = {"data": str(faces), "checkpoint_every": 2, **QUICK}
+    kw = replace(QUICK, checkpoint_every=2)
     one = complete(
         str(base),
         str(tmp_path / "one"),
-        checkpoint_uri=str(tmp_path / "c1"),
-        workers=1,
+        str(faces),
+        replace(kw, checkpoint_uri=str(tmp_path / "c1"), workers=1),
         data_parallel=ray_data_parallel(1, None),
-        **kw,
     )
     two = complete(
         str(base),
         str(tmp_path / "two"),
-        checkpoint_uri=str(tmp_path / "c2"),
-        workers=2,
+        str(faces),
+        replace(kw, checkpoint_uri=str(tmp_path / "c2"), workers=2),
         data_parallel=ray_data_parallel(2, None),
-        **kw,
     )
     assert one.finished and two.finished
     assert json.loads((tmp_path / "two" / "training.json").read_text())["workers"] == 2
@@ -342,10 +337,12 @@ def test_the_train_complete_flow(base: Path, faces: Path, tmp_path: Path, prefec
         base=str(base),
         out=str(out),
         data=str(faces),
-        steps={"sde": 1, "se": 1, "dgsa": 1},
-        quick=True,
-        degrade_resolution=DEGRADE,
-        checkpoint_uri=str(tmp_path / "c"),
+        options={  # as a deployment's JSON parameters give it
+            "steps": {"sde": 1, "se": 1, "dgsa": 1},
+            "quick": True,
+            "degrade_resolution": DEGRADE,
+            "checkpoint_uri": str(tmp_path / "c"),
+        },
     )
     assert result["finished"] and result["manifest_uri"] == f"{out}/manifest.json"
     assert {k: v["steps"] for k, v in result["stages"].items()} == {"sde": 1, "se": 1, "dgsa": 1}
@@ -361,9 +358,8 @@ def test_restore_with_the_completed_pack_records_se_estimates(
     from catalogs import Catalog
 
     out = tmp_path / "pack"
-    assert complete(
-        str(base), str(out), data=str(faces), checkpoint_uri=str(tmp_path / "c"), **QUICK
-    ).finished
+    options = replace(QUICK, checkpoint_uri=str(tmp_path / "c"))
+    assert complete(str(base), str(out), str(faces), options).finished
     src = tmp_path / "crops"
     src.mkdir()
     rng = np.random.default_rng(5)

@@ -12,6 +12,7 @@ from dynface.packs.loading import load_pack
 from dynface.train.data import UTKFACE_SOURCE, list_faces, split_faces
 from dynface.train.plan import starter_plan
 from dynface.train.starter import recipe_pools
+from dynface.train.starter_options import StarterOptions
 
 
 def test_component_flows_then_the_starter_flow(prefect_api, tmp_path: Path) -> None:
@@ -31,9 +32,11 @@ def test_component_flows_then_the_starter_flow(prefect_api, tmp_path: Path) -> N
     pools = recipe_pools(data, list_faces(data, exclude=()), split_faces(list_faces(data))[0], plan, seed=0)
     assert pools.extra_files and pools.restore.lq.shape[0] == pools.base.lq.shape[0] + len(pools.extra_files)
 
-    kw = {"work_dir": str(tmp_path / "work"), "resolution": 32, "quick": True, "data_dir": str(data)}
+    options = {"resolution": 32, "quick": True, "data_dir": str(data)}  # as a deployment's JSON gives them
+    kw = {"work_dir": str(tmp_path / "work"), "options": options}
     prior = train_prior_flow(**kw)
-    rm = train_rm_flow(**kw, rm_pairs="fresh", pair_workers=1)  # a new degradation per sample
+    fresh = {**options, "rm_pairs": "fresh", "pair_workers": 1}  # a new degradation per sample
+    rm = train_rm_flow(work_dir=kw["work_dir"], options=fresh)
     sde = train_sde_flow(**kw)
     se = train_se_flow(**kw)
     dgsa = train_dgsa_flow(**kw, guidance_scale=4.0)  # the ζ a pack would sample with
@@ -49,11 +52,13 @@ def test_component_flows_then_the_starter_flow(prefect_api, tmp_path: Path) -> N
     out = tmp_path / "pack"
     report = train_starter_flow(
         out_dir=str(out),
-        resolution=32,
-        quick=True,
-        data_dir=str(data),
-        work_dir=str(tmp_path / "work2"),
-        prior_masked_share=0.5,  # generated faces: no face to re-align, so the prior trains as usual
+        options=StarterOptions(
+            resolution=32,
+            quick=True,
+            data_dir=str(data),
+            work_dir=str(tmp_path / "work2"),
+            prior_masked_share=0.5,  # generated faces: no face to re-align, so the prior trains as usual
+        ),
     )
     assert set(report["stages"]) == {"prior", "rm", "sde", "se", "dgsa"}
     assert load_pack(str(out)).dgsa is not None

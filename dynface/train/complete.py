@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,9 @@ from dynface.train.chain import Chain, ChainStages, run_chain, transfer_model
 from dynface.train.common import GradSync, load_checkpoint, state_exists
 from dynface.train.complete_plan import (
     STAGES,
+    CompleteOptions,
     CompletePlan,
     FaceListing,
-    complete_plan,
     default_checkpoints,
     list_training_faces,
 )
@@ -45,7 +45,6 @@ from dynface.train.data import resize_bicubic
 from dynface.train.dgsa import FrozenNets, dists_loss
 from dynface.train.fresh_pairs import face_array_file
 from dynface.train.fresh_stages import (
-    DGSAMemory,
     Shard,
     StageRun,
     StageStopped,
@@ -204,66 +203,48 @@ def _finished(job: CompleteJob) -> tuple[bool, str | None]:
 def complete(
     base: str,
     out: str,
-    *,
     data: str,
-    steps: Mapping[str, int] | None = None,
-    batch_sizes: Mapping[str, int] | None = None,
-    seed: int = 0,
-    resume: bool = False,
-    quick: bool = False,
-    checkpoint_every: int = 200,
-    checkpoint_uri: str | None = None,
-    workers: int = 0,
+    options: CompleteOptions | None = None,
+    *,
     data_parallel: Callable[[CompleteJob], None] | None = None,
-    device: str = "cpu",
-    weights_dir: str | None = None,
-    memory: DGSAMemory | None = None,
-    degrade_resolution: int | None = None,
-    limit: int | None = None,
-    vgg16: str | None = None,
-    dists_head: str | None = None,
     stop: tuple[str, int] | None = None,
-    progress: bool = True,
 ) -> CompleteReport:
-    """Complete `base` (a pack name, manifest or folder with a prior and an RM) into the pack `out`.
+    """Complete `base` (a pack name, manifest or folder with a prior and an RM) into the pack `out`,
+    training on the HQ aligned faces of `data` (a folder or fsspec URI); the knobs: CompleteOptions.
 
-    `data`: folder or fsspec URI of HQ aligned faces (`limit`: the first N). `steps`/`batch_sizes`: per
-    stage ({"sde": N, ...}; batch sizes are global, split over the workers). `checkpoint_uri`: where the
-    stage checkpoints go (default: a temp folder named after `out`); `resume` continues them — without it
-    existing checkpoints are an error. `data_parallel`: a runner that trains the job's stages on `workers`
-    workers (the application's Ray Train runner, app.train_parallel.ray_data_parallel); the library itself
-    knows no engine.
-    `stop=(stage, n)`: end after n new steps of that stage (tests; the report says it is unfinished).
+    `data_parallel`: a runner that trains the job's stages on `options.workers` workers (the
+    application's Ray Train runner, app.train_parallel.ray_data_parallel); the library itself knows no
+    engine. `stop=(stage, n)`: end after n new steps of that stage (tests; the report says it is unfinished).
     """
     started = time.perf_counter()
-    manifest = resolve_pack(base, weights_dir=weights_dir)
-    kwargs = {} if degrade_resolution is None else {"degrade_resolution": degrade_resolution}
-    plan = complete_plan(manifest, quick=quick, steps=steps, batch_sizes=batch_sizes, memory=memory, **kwargs)
-    listing = list_training_faces(data, limit=limit)
-    checkpoints = (checkpoint_uri or default_checkpoints(out)).rstrip("/")
+    o = options if options is not None else CompleteOptions()
+    manifest = resolve_pack(base, weights_dir=o.weights_dir)
+    plan = o.plan(manifest)
+    listing = list_training_faces(data, limit=o.limit)
+    checkpoints = (o.checkpoint_uri or default_checkpoints(out)).rstrip("/")
     work = Path(checkpoints if "://" not in checkpoints else default_checkpoints(checkpoints)) / "work"
     dsst = build_dsst_from_faces(listing, plan)
     if plan.dgsa.batch_size == 0:  # batch 0: the largest that fits this device, times the workers
-        per_worker = auto_dgsa_batch(manifest, plan, dsst, device)
-        plan = replace(plan, dgsa=replace(plan.dgsa, batch_size=per_worker * max(workers, 1)))
+        per_worker = auto_dgsa_batch(manifest, plan, dsst, o.device)
+        plan = replace(plan, dgsa=replace(plan.dgsa, batch_size=per_worker * max(o.workers, 1)))
     job = CompleteJob(
         base=manifest,
         plan=plan,
         listing=listing,
-        seed=seed,
+        seed=o.seed,
         checkpoints=checkpoints,
         work_dir=str(work),
         dsst_json=dsst.to_json(),
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=o.checkpoint_every,
         stop=stop,
-        vgg16=vgg16,
-        dists_head=dists_head,
-        progress=progress,
+        vgg16=o.vgg16,
+        dists_head=o.dists_head,
+        progress=o.progress,
     )
-    _check_or_write_run(job, resume)
-    if workers > 1 and data_parallel is None:
+    _check_or_write_run(job, o.resume)
+    if o.workers > 1 and data_parallel is None:
         raise ValueError(
-            f"{workers} workers need a data_parallel runner (app.train_parallel.ray_data_parallel)"
+            f"{o.workers} workers need a data_parallel runner (app.train_parallel.ray_data_parallel)"
         )
     if data_parallel is not None:
         data_parallel(job)
@@ -271,12 +252,12 @@ def complete(
         if not done:
             return CompleteReport(None, False, where, {}, checkpoints, time.perf_counter() - started)
     try:
-        chain = train_stages(job, device=device)
+        chain = train_stages(job, device=o.device)
     except StageStopped as stopped:
         where = f"{stopped.stage} at step {stopped.step}"
         return CompleteReport(None, False, where, {}, checkpoints, time.perf_counter() - started)
     stages = {name: (chain.se.loop if name == "se" else getattr(chain, name)).summary() for name in STAGES}
-    uri = write_completed_pack(out, job, chain, stages, workers=workers, device=device)
+    uri = write_completed_pack(out, job, chain, stages, workers=o.workers, device=o.device)
     return CompleteReport(uri, True, None, stages, checkpoints, time.perf_counter() - started)
 
 

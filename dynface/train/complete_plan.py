@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,48 @@ def complete_plan(
     for name, value in (batch_sizes or {}).items():
         plan = replace(plan, **{_stage(name): replace(getattr(plan, name), batch_size=int(value))})
     return plan
+
+
+@dataclass(frozen=True)
+class CompleteOptions:
+    """Every knob of one `train complete` run, as one value (the library call, the `train-complete` flow
+    parameter and the command line build it once).
+
+    `steps`/`batch_sizes`: per stage ({"sde": N, ...}; batch sizes are global, split over the workers; a
+    DGSA batch of 0: the largest that fits the device). `checkpoint_uri`: where the stage checkpoints go
+    (None: a temp folder named after OUT); `resume` continues them — without it existing checkpoints are an
+    error. `workers` > 1 trains data-parallel (needs the application's runner). `precision` and
+    `checkpointing`: the DGSA step's memory options (memory_for). `limit`: the first N faces of the data.
+    `vgg16` (+ `dists_head`): adds DISTS to DGSA's loss.
+    """
+
+    steps: dict[str, int] = field(default_factory=dict)
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+    resume: bool = False
+    quick: bool = False
+    checkpoint_every: int = 200
+    checkpoint_uri: str | None = None
+    workers: int = 0
+    device: str = "cpu"
+    weights_dir: str | None = None
+    precision: str | None = None
+    checkpointing: bool = True
+    degrade_resolution: int = DEGRADE_RESOLUTION
+    limit: int | None = None
+    vgg16: str | None = None
+    dists_head: str | None = None
+    progress: bool = True
+
+    def plan(self, base: PackManifest) -> CompletePlan:
+        return complete_plan(
+            base,
+            quick=self.quick,
+            steps=self.steps,
+            batch_sizes=self.batch_sizes,
+            memory=memory_for(self.device, self.precision, checkpointing=self.checkpointing),
+            degrade_resolution=self.degrade_resolution,
+        )
 
 
 def _dgsa_config(sampler: Mapping[str, Any], *, hidden: int, **train: Any) -> DGSATrainConfig:

@@ -8,15 +8,12 @@ The pack is written with `write_pack`, then ζ (guidance_scale) is tuned on a fe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,20 +60,14 @@ from dynface.train.data import (
 from dynface.train.dgsa import dists_loss, train_dgsa
 from dynface.train.fresh_pairs import FreshPairBatches, FreshPairStream, face_array_file
 from dynface.train.plan import (
-    RM_PAIR_SOURCES,
     StarterPlan,
-    parse_stage_values,
-    starter_plan,
-    with_loop,
-    with_stage,
-    with_steps_scale,
 )
 from dynface.train.prior import train_prior
 from dynface.train.restorer_net import RMPairs, train_rm
 from dynface.train.sde import train_sde
 from dynface.train.se import train_se
+from dynface.train.starter_options import StarterOptions
 
-DEFAULT_SCALES = (1.0, 3.0, 10.0, 30.0)
 RECIPE_METHODS = ("lq", "rm_only", "full")  # the recipe's own check; `dynface evaluate` runs the ladder
 TRAINING_FILE = "training.json"  # per-stage summaries next to the pack (read back by reuse_prior)
 
@@ -244,89 +235,42 @@ def write_results(out: Path, evaluation: Evaluation | None, tuning: Tuning | Non
         evaluation.ablation.to_parquet(out / "ablation.parquet", index=False)
 
 
-def train_starter(
-    out_dir: str | Path,
-    *,
-    resolution: int = 64,
-    quick: bool = False,
-    budget_minutes: float | None = 75.0,
-    data_dir: str | Path | None = None,
-    work_dir: str | Path | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    tune_faces: int = 8,
-    eval_faces: int = 20,
-    scales: tuple[float, ...] = DEFAULT_SCALES,
-    exclude_sources: tuple[str, ...] | None = None,
-    notes: tuple[str, ...] = (),
-    reuse_prior: str | Path | None = None,
-    vgg16: str | None = None,
-    dists_head: str | None = None,
-    device: str = "cpu",
-    steps_scale: float = 1.0,
-    stage_steps: Mapping[str, int] | None = None,
-    stage_minutes: Mapping[str, float] | None = None,
-    rm_pairs: str = "pool",
-    pair_workers: int = 0,
-    prior_masked_share: float = 0.0,
-) -> StarterReport:
-    """Train every component and write the pack to `out_dir`.
+def train_starter(out_dir: str | Path, options: StarterOptions | None = None) -> StarterReport:
+    """Train every component and write the pack to `out_dir` (the knobs: StarterOptions).
 
-    `data_dir` holds the HQ faces (default: the shared data; a folder with MANIFEST.csv uses its
-    `hq_aligned` rows, any other folder all its images). `work_dir` keeps checkpoints and loss curves
-    (default: a folder in the system temp dir named after the pack; never inside the repository).
-    Held-out faces (sha256 prefix rule, dynface.splits) are listed in `<out_dir>/holdout.txt`; ζ is
-    tuned on the first `tune_faces` of the validation split and the first `eval_faces` of the test
-    split are reported (`per_face.parquet`, `ablation.parquet`, the card's Evaluation). `notes` are added to
-    the model card verbatim (e.g. how a run deviated from the plan). `reuse_prior`: a pack folder whose
-    prior (and its recorded training summary, `training.json`) is taken instead of training one — the
-    prior is most of the cost, and the other stages depend on it only through DGSA. `vgg16`: torchvision's
-    VGG16 file; with it DGSA's loss gets the DISTS term (head from `dists_head` or the dists-pytorch package).
-    `device`: where every stage trains and the pack is checked ("cuda" on a GPU machine); `steps_scale`
-    multiplies every stage's step count (the budget still applies). `stage_steps` / `stage_minutes`
-    replace single stages' step counts / total time budgets (after `steps_scale`), e.g. to continue a
-    stage whose checkpoint is in `work_dir` beyond its share of `budget_minutes`. `rm_pairs`: "pool" or
-    "fresh" (a new degradation per sample from `pair_workers` processes; StarterPlan.rm_pairs).
-    `prior_masked_share` > 0: that share of every prior batch comes from the training-split crops of
-    `StarterPlan.extra_pool_sources`, re-aligned to the template, with the loss on their original pixels.
+    Held-out faces (sha256 prefix rule, dynface.splits) are listed in `<out_dir>/holdout.txt`; ζ is tuned
+    on validation faces only and the test faces are restored once, at the end, and reported
+    (`per_face.parquet`, `ablation.parquet`, the card's Evaluation). A reused prior (`reuse_prior`) comes
+    with its recorded training summary (`training.json`) — the prior is most of the cost, and the other
+    stages depend on it only through DGSA.
     """
     started = time.perf_counter()
+    o = options if options is not None else StarterOptions()
+    resolution, seed, device = o.resolution, o.seed, o.device
     on_gpu = torch.device(device).type == "cuda"
     out = Path(out_dir)
-    data = Path(data_dir) if data_dir is not None else shared_dir() / "data"
-    work = (
-        Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir()) / f"dynface_work_{out.name}"
-    )
-    plan = with_loop(
-        starter_plan(resolution, quick=quick, budget_minutes=budget_minutes, progress=progress),
-        seed=seed,
-        device=device,
-    )
-    plan = with_steps_scale(plan, steps_scale) if steps_scale != 1.0 else plan
-    plan = replace(plan, rm_pairs=rm_pairs, pair_workers=pair_workers)
-    for name in sorted(set(stage_steps or {}) | set(stage_minutes or {})):
-        plan = with_stage(
-            plan, name, steps=(stage_steps or {}).get(name), budget_minutes=(stage_minutes or {}).get(name)
-        )
+    data = o.data()
+    work = o.work(out)
+    plan = o.plan()
     listing = list_faces(data, exclude=())
-    excluded = EXCLUDED_SOURCES if exclude_sources is None else exclude_sources
+    excluded = EXCLUDED_SOURCES if o.exclude_sources is None else o.exclude_sources
     train_files, held_files = split_faces(without_sources(listing, excluded))
     if not train_files:
         raise ValueError("every face is held out: nothing to train on")
     images = load_faces(data, train_files, resolution)
 
     prior_masked = ""
-    if reuse_prior is not None:
-        prior, prior_summary = reused_prior(Path(reuse_prior), plan)
+    if o.reuse_prior is not None:
+        prior, prior_summary = reused_prior(Path(o.reuse_prior), plan)
     else:
         masked = None
-        if prior_masked_share > 0:
+        if o.prior_masked_share > 0:
             crops = extra_pool_faces(listing, plan.extra_pool_sources, train_files)
             masked = load_realigned_faces(data, crops, resolution) if crops else None
         if masked is not None:
-            plan = replace(plan, prior=replace(plan.prior, masked_share=prior_masked_share))
+            plan = replace(plan, prior=replace(plan.prior, masked_share=o.prior_masked_share))
             prior_masked = (
-                f"{prior_masked_share:.0%} re-aligned tight crops ({masked.images.shape[0]} of {len(crops)}"
+                f"{o.prior_masked_share:.0%} re-aligned tight crops ({masked.images.shape[0]} of {len(crops)}"
                 f" training-split files of {', '.join(plan.extra_pool_sources)} had a detected face)"
             )
         prior = train_prior(images, work / "prior", plan.prior, masked=masked)
@@ -366,18 +310,18 @@ def train_starter(
     sampler = dict(plan.sampler)
     write_holdout(out / "holdout.txt", held_files)
     uri = write(sampler, None)
-    validation = [f.file for f in held_files if split_of(f) == "validation"][:tune_faces]
-    test = [f.file for f in held_files if split_of(f) == "test"][:eval_faces]
+    validation = [f.file for f in held_files if split_of(f) == "validation"][: o.tune_faces]
+    test = [f.file for f in held_files if split_of(f) == "test"][: o.eval_faces]
     tuning: Tuning | None = None
     if validation:
         tuning = tune_on_validation(
             Restorer.from_pack(str(out), device=device),
             recipe_eval_sets(data, validation, resolution, "validation"),
-            [{"guidance_scale": float(z)} for z in scales],
+            [{"guidance_scale": float(z)} for z in o.scales],
         )
         sampler["guidance_scale"] = tuning.best["guidance_scale"]
     dgsa_config = replace(plan.dgsa, guidance_scale=float(sampler["guidance_scale"]))
-    perceptual = dists_loss(vgg16, dists_head) if vgg16 else None
+    perceptual = dists_loss(o.vgg16, o.dists_head) if o.vgg16 else None
     chain = chain.then_dgsa(
         lambda nets: train_dgsa(
             images, work / "dgsa", dgsa_config, nets=nets, pool=pool, perceptual=perceptual
@@ -401,8 +345,8 @@ def train_starter(
         "dgsa": _stage_summary(dgsa),
     }
     _copy_curves(work, out / "curves")
-    if reuse_prior is not None:
-        old_curve = Path(reuse_prior) / "curves" / "prior_loss.png"
+    if o.reuse_prior is not None:
+        old_curve = Path(o.reuse_prior) / "curves" / "prior_loss.png"
         if old_curve.is_file() and old_curve.resolve() != (out / "curves" / "prior_loss.png").resolve():
             shutil.copyfile(old_curve, out / "curves" / "prior_loss.png")
     (out / TRAINING_FILE).write_text(json.dumps(stages, indent=1) + "\n")
@@ -422,10 +366,10 @@ def train_starter(
         se=plan.se,
         dgsa_mode=plan.dgsa.mode,
         dgsa_scale=dgsa_config.guidance_scale,
-        dgsa_dists_weight=dgsa_config.perceptual_weight if vgg16 else None,
+        dgsa_dists_weight=dgsa_config.perceptual_weight if o.vgg16 else None,
         pool=f"{pool.lq.shape[0]} pairs ({plan.pool_per_image} per training face, degraded at "
         f"{plan.degrade_resolution} px)",
-        notes=notes,
+        notes=o.notes,
         excluded_sources=tuple(excluded) or None,
         extra_files=tuple(extra_files),
         extra_pool=(
@@ -444,7 +388,7 @@ def train_starter(
         hardware=_hardware(device, on_gpu),
         prior_params=count_params(prior.model),
         on_gpu=on_gpu,
-        quick=quick,
+        quick=o.quick,
     )
     (out / "MODEL_CARD.md").write_text(render_card(facts))
     where = "a GPU" if on_gpu else "CPU"
@@ -464,7 +408,7 @@ def train_starter(
         n_holdout=len(held_files),
         wall_s=time.perf_counter() - started,
     )
-    (work / "report.json").write_text(json.dumps(_report_json(report), indent=1))
+    (work / "report.json").write_text(json.dumps(report_json(report), indent=1))
     return report
 
 
@@ -478,7 +422,7 @@ def _copy_curves(work: Path, dest: Path) -> None:
         shutil.copyfile(work / "dsst.png", dest / "dsst.png")
 
 
-def _report_json(report: StarterReport) -> dict[str, Any]:
+def report_json(report: StarterReport) -> dict[str, Any]:
     data = {k: v for k, v in report.__dict__.items() if k not in ("evaluation", "tuning")}
     t, ev = report.tuning, report.evaluation
     data["tuning"] = None
@@ -530,90 +474,3 @@ def check_pack(
         "test_faces": len(held),
         "mean_psnr": {r["method"]: round(r["psnr"], 3) for _, r in ablation.iterrows()},
     }
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    """Command line: `train_starter.py OUT [--quick] [--budget-minutes M] [--data-dir D] ...`."""
-    parser = argparse.ArgumentParser(description="Train every DynFace component and write the starter pack.")
-    parser.add_argument("out_dir", nargs="?", default="weights/starter")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and steps (seconds; for tests)")
-    parser.add_argument("--budget-minutes", type=float, default=75.0)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--work-dir", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (2 when the machine is idle)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--check", action="store_true", help="only check an existing pack (no training)")
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite a pack already in OUT (e.g. weights/starter)"
-    )
-    parser.add_argument("--note", action="append", default=[], help="a line for the model card (repeatable)")
-    parser.add_argument("--reuse-prior", default=None, help="take the prior from this pack folder")
-    parser.add_argument(
-        "--vgg16", default=None, help="torchvision vgg16-397923af.pth: adds DISTS to DGSA's loss"
-    )
-    parser.add_argument("--dists-head", default=None, help="DISTS weights.pt (default: dists-pytorch's)")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
-    parser.add_argument("--steps-scale", type=float, default=1.0, help="every stage's steps times this (GPU)")
-    parser.add_argument(
-        "--stage-steps", action="append", default=[], metavar="STAGE=N", help="one stage's steps (repeatable)"
-    )
-    parser.add_argument(
-        "--rm-pairs",
-        choices=RM_PAIR_SOURCES,
-        default="pool",
-        help="RM's pairs: the fixed pool, or a fresh degradation per sample (GPU runs)",
-    )
-    parser.add_argument(
-        "--pair-workers", type=int, default=0, help="processes making fresh pairs (--rm-pairs fresh)"
-    )
-    parser.add_argument(
-        "--prior-masked-share",
-        type=float,
-        default=0.0,
-        help="share of each prior batch from re-aligned UTKFace crops, loss on original pixels (0: none)",
-    )
-    parser.add_argument(
-        "--stage-minutes",
-        action="append",
-        default=[],
-        metavar="STAGE=M",
-        help="one stage's total time budget in minutes, earlier runs in the work dir included (repeatable)",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.check:
-        print(json.dumps(check_pack(args.out_dir, data_dir=args.data_dir), indent=1))
-        return 0
-    existing = Path(args.out_dir) / "manifest.json"
-    if existing.is_file() and not args.force:
-        print(
-            f"dynface train starter: {existing} exists: training would replace that pack's weights, card and"
-            " results with a new run's; choose another folder, or pass --force",
-            file=sys.stderr,
-        )
-        return 2
-    report = train_starter(
-        args.out_dir,
-        resolution=args.resolution,
-        quick=args.quick,
-        budget_minutes=args.budget_minutes,
-        data_dir=args.data_dir,
-        work_dir=args.work_dir,
-        seed=args.seed,
-        progress=not args.no_progress,
-        notes=tuple(args.note),
-        reuse_prior=args.reuse_prior,
-        vgg16=args.vgg16,
-        dists_head=args.dists_head,
-        device=args.device,
-        steps_scale=args.steps_scale,
-        stage_steps=parse_stage_values(args.stage_steps, int),
-        stage_minutes=parse_stage_values(args.stage_minutes, float),
-        rm_pairs=args.rm_pairs,
-        pair_workers=args.pair_workers,
-        prior_masked_share=args.prior_masked_share,
-    )
-    print(json.dumps(_report_json(report), indent=1))
-    return 0
