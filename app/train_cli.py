@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from dynface.train.complete_plan import CompleteOptions
     from dynface.train.starter_options import StarterOptions
 
+T = TypeVar("T")
 RM_PAIR_SOURCES = ("pool", "fresh")  # dynface.train.plan.RM_PAIR_SOURCES, without importing torch here
 
 
@@ -81,28 +83,23 @@ def add_starter_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def options_from_args(args: argparse.Namespace, cls: type[T], **converted: Any) -> T:
+    """`cls` (an options dataclass) from the flags named after its fields, plus the `converted` values
+    of the flags that need parsing or another name."""
+    names = {f.name for f in fields(cls)} - set(converted)  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **converted)
+
+
 def starter_options(args: argparse.Namespace) -> StarterOptions:
     from dynface.train.plan import parse_stage_values
     from dynface.train.starter_options import StarterOptions
 
-    return StarterOptions(
-        resolution=args.resolution,
-        quick=args.quick,
-        budget_minutes=args.budget_minutes,
-        data_dir=args.data_dir,
-        work_dir=args.work_dir,
-        seed=args.seed,
-        device=args.device,
+    return options_from_args(
+        args,
+        StarterOptions,
         progress=not args.no_progress,
-        steps_scale=args.steps_scale,
         stage_steps=parse_stage_values(args.stage_steps, int),
         stage_minutes=parse_stage_values(args.stage_minutes, float),
-        rm_pairs=args.rm_pairs,
-        pair_workers=args.pair_workers,
-        prior_masked_share=args.prior_masked_share,
-        reuse_prior=args.reuse_prior,
-        vgg16=args.vgg16,
-        dists_head=args.dists_head,
         notes=tuple(args.note),
     )
 
@@ -160,22 +157,12 @@ def add_complete_arguments(c: argparse.ArgumentParser) -> None:
 def complete_options(args: argparse.Namespace) -> CompleteOptions:
     from dynface.train.complete_plan import CompleteOptions, parse_batches, parse_steps
 
-    return CompleteOptions(
+    return options_from_args(
+        args,
+        CompleteOptions,
         steps=parse_steps(args.steps),
         batch_sizes=parse_batches(args.batch),
-        seed=args.seed,
-        resume=args.resume,
-        quick=args.quick,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_uri=args.checkpoint_uri,
-        workers=args.workers,
-        device=args.device,
-        weights_dir=args.weights_dir,
-        precision=args.precision,
         checkpointing=not args.no_checkpointing,
-        degrade_resolution=args.degrade_resolution,
-        limit=args.limit,
-        vgg16=args.vgg16,
     )
 
 

@@ -111,3 +111,17 @@ def s3_server() -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+@contextmanager
+def s3_environment(*buckets: str) -> Iterator[S3Server]:
+    """`s3_server` with its variables (dummy keys, endpoint, no metadata probe) set in this process's
+    environment until exit, and `buckets` created: what clients that read the environment need."""
+    import pytest
+
+    with s3_server() as server, pytest.MonkeyPatch.context() as mp:
+        for key, value in server.env.items():
+            mp.setenv(key, value)
+        for name in buckets:
+            server.create_bucket(name)
+        yield server

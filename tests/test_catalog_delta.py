@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
-from s3_server import S3Server, s3_server
+from s3_server import S3Server, s3_environment
 
 import catalogs.store
 import tasks.commit
@@ -52,10 +52,7 @@ def face_row(run_id: str, name: str, k: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
-    with pytest.MonkeyPatch.context() as mp, s3_server() as server:
-        for key, value in server.env.items():
-            mp.setenv(key, value)
-        server.create_bucket(BUCKET)
+    with s3_environment(BUCKET) as server:
         yield server
 
 

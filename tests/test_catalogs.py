@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-from s3_server import S3Server, s3_server
+from s3_server import S3Server, s3_environment
 
 from catalogs import (
     FACES_SCHEMA,
@@ -72,13 +72,10 @@ def face_row(run_id: str, name: str, k: int, std_hat: float, **extra: object) ->
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
     """One loopback S3 server for the module; dummy keys and no metadata probe in the environment."""
-    with pytest.MonkeyPatch.context() as mp, s3_server() as server:
-        for key, value in server.env.items():
-            mp.setenv(key, value)
+    with s3_environment(BUCKET) as server, pytest.MonkeyPatch.context() as mp:
         # The endpoint comes from storage_options here; test_s3_endpoint_from_environment sets it itself.
         mp.delenv("AWS_ENDPOINT_URL_S3")
         mp.delenv("AWS_ENDPOINT_URL")
-        server.create_bucket(BUCKET)
         yield server
 
 

@@ -131,6 +131,17 @@ def prefect(service: Service, *args: str, timeout: float) -> subprocess.Complete
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 
+def run_nightly(
+    service: Service, params: dict[str, object], *, watch_s: int
+) -> subprocess.CompletedProcess[str]:
+    """`prefect deployment run restore-archive/nightly --param K=V ... --watch`, as a user types it."""
+    flags = [arg for key, value in params.items() for arg in ("--param", f"{key}={value}")]
+    watch = ["--watch", "--watch-timeout", str(watch_s)]
+    return prefect(
+        service, "deployment", "run", "restore-archive/nightly", *flags, *watch, timeout=watch_s + 60
+    )
+
+
 def test_service_binds_loopback_and_registers_the_nightly_deployment(service: Service):
     assert port_open(service.port)
     listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
@@ -148,17 +159,8 @@ def test_service_binds_loopback_and_registers_the_nightly_deployment(service: Se
 def test_deployment_run_restores_and_catalogs(service: Service, archive: tuple[Path, str], tmp_path: Path):
     src, pack = archive
     dest = tmp_path / "out"
-    run = prefect(
-        service,
-        "deployment", "run", "restore-archive/nightly",
-        "--param", f"source={src}",
-        "--param", f"dest={dest}",
-        "--param", f"pack={pack}",
-        "--param", "aligned=true",
-        "--param", "options=" + json.dumps({"respacing": "ddim10"}),
-        "--watch", "--watch-timeout", "240",
-        timeout=300,
-    )  # fmt: skip
+    params = {"source": src, "dest": dest, "pack": pack, "aligned": "true"}
+    run = run_nightly(service, {**params, "options": json.dumps({"respacing": "ddim10"})}, watch_s=240)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Completed" in run.stdout
     images = Catalog(str(dest / "catalog")).read("images")
@@ -187,19 +189,9 @@ def test_deployment_run_with_weights_dir_uses_the_official_files(
     src.mkdir()
     Image.fromarray(synthetic_face(96)).save(src / "face.png")
     dest = tmp_path / "out"
-    run = prefect(
-        service,
-        "deployment", "run", "restore-archive/nightly",
-        "--param", f"source={src}",
-        "--param", f"dest={dest}",
-        "--param", "pack=difface",
-        "--param", f"weights_dir={official_weights}",
-        "--param", "aligned=true",
-        "--param", "guidance=closed_form",
-        "--param", "options=" + json.dumps(OPTIONS),
-        "--watch", "--watch-timeout", "400",
-        timeout=460,
-    )  # fmt: skip
+    params = {"source": src, "dest": dest, "pack": "difface", "weights_dir": official_weights}
+    params |= {"aligned": "true", "guidance": "closed_form", "options": json.dumps(OPTIONS)}
+    run = run_nightly(service, params, watch_s=400)
     assert run.returncode == 0, run.stdout + run.stderr
     check_official_run(dest, official_weights, n_images=1)
 
@@ -208,13 +200,10 @@ def test_bad_parameters_fail_the_flow_run_before_anything_is_written(service: Se
     src, _ = archive
     dest = tmp_path / "out"
     for params, message in (
-        (["--param", "pack=nowhere"], "not a built-in pack"),
-        (["--param", "options=" + json.dumps({"respacing": "nonsense"})], "bad respacing 'nonsense'"),
+        ({"pack": "nowhere"}, "not a built-in pack"),
+        ({"options": json.dumps({"respacing": "nonsense"})}, "bad respacing 'nonsense'"),
     ):
-        run = prefect(
-            service, "deployment", "run", "restore-archive/nightly", "--param", f"source={src}",
-            "--param", f"dest={dest}", *params, "--watch", "--watch-timeout", "240", timeout=300,
-        )  # fmt: skip
+        run = run_nightly(service, {"source": src, "dest": dest, **params}, watch_s=240)
         assert run.returncode == 1, run.stdout + run.stderr
         logs = prefect(service, "flow-run", "logs", _flow_run_id(run.stdout), timeout=60)
         assert message in logs.stdout, logs.stdout

@@ -13,7 +13,7 @@ import pytest
 from make_bad_inputs import synthetic_face
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
-from s3_server import S3Server, s3_server
+from s3_server import S3Server, s3_environment
 
 from app.cli import main
 from catalogs import Catalog
@@ -41,11 +41,7 @@ def encoded_face(k: int, fmt: str, side: int) -> bytes:
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """moto on 127.0.0.1 with the standard AWS variables pointing at it, set before this module's
     Ray starts (its workers read and write the work folder on S3 with the same settings)."""
-    with s3_server() as server, pytest.MonkeyPatch.context() as mp:
-        for key, value in server.env.items():
-            mp.setenv(key, value)
-        for name in ("archive", "restored", "packs"):
-            server.create_bucket(name)
+    with s3_environment("archive", "restored", "packs") as server:
         yield server
 
 

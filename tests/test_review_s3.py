@@ -12,7 +12,7 @@ import pytest
 from make_bad_inputs import synthetic_face
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixtures prefect_api and local_ray
-from s3_server import S3Server, s3_server
+from s3_server import S3Server, s3_environment
 
 from app.cli import main
 from catalogs import Catalog
@@ -27,11 +27,7 @@ SOURCE, DEST, FINAL = "s3://archive/photos", "s3://restored/run1", "s3://final/r
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
-    with s3_server() as server, pytest.MonkeyPatch.context() as mp:
-        for key, value in server.env.items():
-            mp.setenv(key, value)
-        for name in ("archive", "restored", "final"):
-            server.create_bucket(name)
+    with s3_environment("archive", "restored", "final") as server:
         yield server
 
 

@@ -17,6 +17,7 @@ import yaml
 from make_bad_inputs import synthetic_face
 from PIL import Image
 from pipeline_fixtures import *  # noqa: F403 - the shared fixture local_ray
+from s3_server import s3_environment
 from safetensors.torch import load_file
 from test_train import _write_faces
 
@@ -184,30 +185,51 @@ def test_restart_from_a_mid_stage_checkpoint_gives_the_same_weights(
             torch.testing.assert_close(a[comp][key], b[comp][key], rtol=0, atol=0, msg=f"{comp}.{key}")
 
 
+def test_checkpoints_on_s3_resume_to_the_weights_of_a_local_run(
+    base: Path, faces: Path, tmp_path: Path
+) -> None:
+    """`--checkpoint-uri s3://...` (moto on loopback): a run stopped mid-stage and resumed from its S3
+    checkpoints ends with the weights of an uninterrupted run with local checkpoints."""
+    import s3fs
+
+    data = str(faces)
+    local = complete(
+        str(base), str(tmp_path / "local"), data, replace(QUICK, checkpoint_uri=str(tmp_path / "c"))
+    )
+    with s3_environment("ckpt"):
+        on_s3 = replace(QUICK, checkpoint_uri="s3://ckpt/run1", checkpoint_every=1)
+        stopped = complete(str(base), str(tmp_path / "split"), data, on_s3, stop=("dgsa", 1))
+        assert not stopped.finished and stopped.stopped == "dgsa at step 1"
+        stored = s3fs.S3FileSystem(skip_instance_cache=True).find("ckpt/run1")
+        assert {"ckpt/run1/run.json", "ckpt/run1/sde/last.pt", "ckpt/run1/dgsa/last.pt"} <= set(stored)
+        with pytest.raises(FileExistsError, match="--resume"):  # the S3 checkpoints are found
+            complete(str(base), str(tmp_path / "split"), data, on_s3)
+        resumed = complete(str(base), str(tmp_path / "split"), data, replace(on_s3, resume=True))
+    assert local.finished and resumed.finished and resumed.checkpoints == "s3://ckpt/run1"
+    a, b = _stage_weights(tmp_path / "local"), _stage_weights(tmp_path / "split")
+    for comp in a:
+        for key in a[comp]:
+            torch.testing.assert_close(a[comp][key], b[comp][key], rtol=0, atol=0, msg=f"{comp}.{key}")
+
+
 @pytest.mark.slow
 def test_one_and_two_ray_train_workers_give_the_same_weights(
     base: Path, faces: Path, tmp_path: Path, local_ray
 ) -> None:
     """Data-parallel: two CPU workers, each on half of every global batch, gradients averaged, reach the
     weights of one worker on the whole batch (to float tolerance: the sum runs in another order)."""
-    kw = replace(QUICK, checkpoint_every=2)
-    one = complete(
-        str(base),
-        str(tmp_path / "one"),
-        str(faces),
-        replace(kw, checkpoint_uri=str(tmp_path / "c1"), workers=1),
-        data_parallel=ray_data_parallel(1, None),
-    )
-    two = complete(
-        str(base),
-        str(tmp_path / "two"),
-        str(faces),
-        replace(kw, checkpoint_uri=str(tmp_path / "c2"), workers=2),
-        data_parallel=ray_data_parallel(2, None),
-    )
-    assert one.finished and two.finished
-    assert json.loads((tmp_path / "two" / "training.json").read_text())["workers"] == 2
-    a, b = _stage_weights(tmp_path / "one"), _stage_weights(tmp_path / "two")
+
+    def trained_on(workers: int) -> Path:
+        pack = tmp_path / f"workers{workers}"
+        checkpoints = str(tmp_path / f"c{workers}")
+        options = replace(QUICK, checkpoint_every=2, checkpoint_uri=checkpoints, workers=workers)
+        runner = ray_data_parallel(workers, None)
+        assert complete(str(base), str(pack), str(faces), options, data_parallel=runner).finished
+        return pack
+
+    one, two = trained_on(1), trained_on(2)
+    assert json.loads((two / "training.json").read_text())["workers"] == 2
+    a, b = _stage_weights(one), _stage_weights(two)
     # Gradients agree to rounding (the workers' means are averaged in another order); Adam's first steps
     # move a weight by ~lr·sign(gradient), so the rare weights whose gradient is at rounding level may
     # step differently. Nearly every weight must agree, and the components on the whole.
@@ -217,7 +239,7 @@ def test_one_and_two_ray_train_workers_give_the_same_weights(
         print(f"{comp}: {float(close):.5f} of the weights agree, max diff {float((wa - wb).abs().max()):.3g}")
         assert close >= 0.995, comp
         assert float((wa - wb).abs().mean()) < 1e-6, comp
-    _check_full_method(tmp_path / "two")
+    _check_full_method(two)
 
 
 @pytest.mark.slow
