@@ -53,7 +53,15 @@ MACHINE_PACKAGES = {
     "PIL",
     "typing_extensions",
 }
-OURS = {"dynface", "step_counters", "gpu_check_setup", "sampler_before", "golden_device", "torchgen"}
+OURS = {
+    "dynface",
+    "step_counters",
+    "gpu_check_setup",
+    "sampler_before",
+    "golden_device",
+    "train_complete_step",
+    "torchgen",
+}
 
 
 def torch_dependencies(installed: dict[str, list[str]]) -> set[str]:
@@ -80,7 +88,8 @@ def step_env(check: Check) -> None:
         memory = props.total_memory / 2**30
         print(f"{props.name}: {memory:.0f} GiB, {props.multi_processor_count} SMs, CUDA {torch.version.cuda}")
         figures.update(gpu=props.name, memory_gib=memory)
-    import golden_device  # noqa: F401 - the golden step's imports count too
+    import golden_device  # noqa: F401 - the golden and train steps' imports count too
+    import train_complete_step  # noqa: F401
 
     import dynface
 
@@ -263,6 +272,61 @@ def step_full(check: Check) -> None:
     check.record("full", figures)
 
 
+def step_train(check: Check) -> None:
+    """`train complete`'s stages (benchmarks/train_complete_step.py) on the DifFace 512 architecture with
+    random weights: one training step's time and peak memory at batch 1, 2 and the largest batch the
+    memory model lets into 80 % of the free memory (DGSA in bf16 autocast with the frozen UNet's blocks
+    checkpointed), and what the default plan would take at the measured rate. Smoke: the quick plan's
+    tiny networks on a 32-px random pack, the largest batch at most 4, DGSA in fp32 with checkpointing
+    (its bf16 path: tests/test_train_complete.py)."""
+    import tempfile
+
+    from train_complete_step import STAGES, default_options, plan_for, run
+
+    from dynface.packs.writer import write_random_pack
+
+    device = str(check.device)
+    options = default_options()
+    if check.smoke:
+        folder = tempfile.mkdtemp(prefix="gpu-check-train-")
+        options.update(base=write_random_pack(folder, resolution=32, seed=0), quick=True)
+    plan = plan_for(device, options)
+    print(
+        f"{'quick plan, 32-px random pack' if check.smoke else 'difface pack'} at {plan.resolution} px; "
+        f"DGSA {plan.memory.precision}, checkpointing {plan.memory.checkpointing}, {plan.dgsa.mode} "
+        f"guidance; one step = forward and backward, no optimizer update"
+    )
+    # the largest batch is measured on the CPU too (at most 4 faces there), so the smoke proves that path
+    stages = run(device, STAGES, options, check.left, largest=True, max_batch=4 if check.smoke else 256)
+    print(f"{'stage':<6} {'batch':>6} {'s/step':>9} {'s/face':>9} {'peak GiB':>9}")
+    plan_hours: dict = {}
+    for stage, entry in stages.items():
+        if "points" not in entry:
+            print(f"{stage:<6} {entry}")
+            continue
+        for batch, point in entry["points"].items():
+            print(
+                f"{stage:<6} {batch:>6} {point['step_s']:>9.4f} {point['step_s'] / batch:>9.4f} "
+                f"{point['peak_bytes'] / 2**30:>9.3f}"
+            )
+        notes = {k: v for k, v in entry.items() if k not in ("points", "largest_batch")}
+        largest = f"{stage:<6} largest batch by the memory model: {entry['largest_batch']}"
+        print(f"{largest} {notes}" if notes else largest)
+        biggest = max(entry["points"])
+        config = getattr(plan, stage)
+        faces = config.steps * config.batch_size
+        plan_hours[stage] = faces * entry["points"][biggest]["step_s"] / biggest / 3600
+    if plan_hours:
+        print(
+            f"{'quick' if check.smoke else 'default'} plan at the s/face of the largest measured batch "
+            "(one device): " + ", ".join(f"{s} {h:.3g} h" for s, h in plan_hours.items())
+        )
+    check.record("train", {"options": options, "stages": stages, "plan_hours": plan_hours})
+    failed = [stage for stage, entry in stages.items() if "failed" in entry]
+    if failed:
+        raise SystemExit(f"train stages failed: {failed}")
+
+
 def _options_batch(check: Check):
     nets = networks(check)
     n, steps = (2, 3) if check.smoke else (8, 20)
@@ -361,6 +425,7 @@ STEPS = {
     "syncs": step_syncs,
     "loops": step_loops,
     "full": step_full,
+    "train": step_train,
     "options": step_options,
     "compile": step_compile,
 }

@@ -14,7 +14,7 @@ import pytest
 
 from dynface.paths import REPO_ROOT
 
-STEPS = ("env", "golden", "syncs", "loops", "full", "options", "compile")
+STEPS = ("env", "golden", "syncs", "loops", "full", "train", "options", "compile")
 
 
 def bare_copy(dest: Path) -> Path:
@@ -58,5 +58,13 @@ def test_gpu_check_cpu_smoke_runs_from_a_bare_copy(tmp_path: Path) -> None:
     assert results["syncs"]["no kernel update"]["HostReadCounter"] == 0
     assert {"reference (plain, fp32)", "ours fp32", "ours bf16"} <= set(results["loops"])
     assert results["full"]["dps bf16"]["gflop_per_face_step"] > 0
+    train = results["train"]["stages"]
+    assert set(train) == {"sde", "se", "dgsa"}
+    for stage in train.values():  # step seconds and peak bytes at batch 1, 2 and the largest (4 here)
+        largest = stage.get("time_limited_batch", stage["largest_batch"])  # time-limited: a loaded CPU
+        assert set(stage["points"]) == {"1", "2", str(largest)} or "largest_skipped" in stage, stage
+        assert all(p["step_s"] > 0 and p["peak_bytes"] > 0 for p in stage["points"].values()), stage
+    assert results["train"]["plan_hours"]["dgsa"] > 0
+    assert "== train" in (out / "full.txt").read_text()  # train shares full's file
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8  # what the device tool brings back from $OUT
