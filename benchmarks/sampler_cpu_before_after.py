@@ -11,6 +11,7 @@ launches) and tensor values read to the host (on a GPU, waits on the device). Bo
 networks, so the times compare the loops alone.
 
     python benchmarks/sampler_cpu_before_after.py            # ~5 min on the project's 2-core CPU
+    python benchmarks/sampler_cpu_before_after.py --profile  # where a CPU step's time goes (one run each)
 """
 
 from __future__ import annotations
@@ -101,6 +102,37 @@ def compare(pack: LoadedPack, batch: SampleBatch, mode: str, repeats: int) -> di
     return rows
 
 
+# Operator families of a sampler step, by the aten operator names torch.profiler reports (first match).
+FAMILIES = (
+    ("convolutions (forward and backward)", ("conv",)),
+    ("group norm and SiLU (forward and backward)", ("group_norm", "silu")),
+    ("attention", ("attention", "bmm", "softmax")),
+    ("copies, concatenations, resampling", ("copy_", "cat", "upsample", "index", "fill_", "empty")),
+    ("element-wise arithmetic", ("add", "mul", "sub", "div", "neg", "pow", "sqrt", "exp", "where", "clamp")),
+    ("reductions", ("sum", "mean", "norm", "max")),
+)
+
+
+def profile_shares(pack: LoadedPack, batch: SampleBatch, mode: str) -> dict[str, float]:
+    """Share of the new loop's self CPU time per operator family (one profiled run after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    diffusion = Diffusion.create("ddim250")
+    cfg = SamplerConfig(mode=mode, respacing="ddim250", guidance_scale=10.0)
+    kw = {"dgsa": pack.dgsa, "std_range": pack.manifest.std_range}
+    sample(pack.prior, diffusion, batch, cfg, **kw)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sample(pack.prior, diffusion, batch, cfg, **kw)
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue  # autograd wrappers: their aten operators are counted themselves
+        family = next((f for f, keys in FAMILIES if any(k in event.key for k in keys)), "other operators")
+        times[family] = times.get(family, 0.0) + event.self_cpu_time_total
+    total = sum(times.values())
+    return {family: t / total for family, t in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--faces", type=int, default=8)
@@ -108,10 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread", type=int, default=4, help="timesteps between the faces' starts")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the pipeline's CPU actors use 1)")
+    p.add_argument("--profile", action="store_true", help="only the share of CPU time per operator family")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pack = load_pack("starter")
     batch = faces_batch(pack, args.faces, args.start, args.spread)
+    if args.profile:
+        print(f"share of the sampler's self CPU time per operator family ({args.faces} faces, starter pack)")
+        for mode in ("dps", "closed_form"):
+            for family, share in profile_shares(pack, batch, mode).items():
+                print(f"{mode:<12} {share:>6.1%}  {family}")
+        return 0
     res, cpu_name = pack.manifest.resolution, platform.processor() or platform.machine()
     n_steps = int(Diffusion.create("ddim250").index_for_timestep(args.start)) + 1
     print(
