@@ -5,13 +5,19 @@ upsampled to the evaluation's ID_SIZE first, as `dynface evaluate` measures iden
 (`dynface.metrics.identity.identity_similarity_at_id_size`); null when dlib finds no face in either crop
 or the metrics module is unavailable (logged with the reason, once per shard). The guidance residual
 comes from the sampler (stage 5).
+
+dlib's descriptors cost ~0.3 s per face on one CPU core: done by the driver alone, they would cap a GPU
+cluster's throughput at a few faces per second. When Ray is running, a shard's faces are scored by
+Ray tasks on the CPUs the sampling actors leave free anywhere in the cluster (`spread_chunks`); with
+none free, or without Ray, the driver scores them itself. The values are the same either way.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,6 +26,9 @@ from tasks.work import RunContext, read_png, stage_task
 
 Similarity = Callable[[np.ndarray, np.ndarray], float]
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+MIN_FACES_PER_TASK = 8  # ~2.5 s of dlib work: a Ray task's start-up and model load stay small beside it
 
 
 def identity_scorer() -> Similarity | None:
@@ -40,23 +49,58 @@ def similarity_or_none(scorer: Similarity | None, restored: np.ndarray, original
     return None if math.isnan(value) else value
 
 
+def identity_similarities(pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+    """identity_similarity for (restored_uri, crop_uri) pairs: in a Ray task, or in the driver."""
+    scorer = identity_scorer()
+    return [similarity_or_none(scorer, read_png(restored), read_png(crop)) for restored, crop in pairs]
+
+
+def free_cpus() -> int:
+    """Whole CPUs of the running Ray cluster that no actor or task holds now (0 without Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return 0
+    if not ray.is_initialized():
+        return 0
+    return int(ray.available_resources().get("CPU", 0.0))
+
+
+def spread_chunks(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], *, min_chunk: int) -> list[R]:
+    """`fn` over `items` in order, as Ray tasks over the cluster's free CPUs when there are at least two
+    chunks' worth of items (one chunk per free CPU, at least `min_chunk` items each), else in this
+    process. The tasks ask for no CPU of their own: their number is bounded by the CPUs found free, and a
+    task waiting for a CPU that long-lived sampling actors hold would wait forever. SPREAD: over the
+    nodes, not all on the driver's."""
+    chunks = min(free_cpus(), len(items) // min_chunk)
+    if chunks < 2:
+        return fn(items)
+    import ray
+
+    size = -(-len(items) // chunks)
+    remote = ray.remote(num_cpus=0, max_retries=1, scheduling_strategy="SPREAD")(fn)
+    parts = ray.get([remote.remote(items[i : i + size]) for i in range(0, len(items), size)])
+    return [value for part in parts for value in part]
+
+
 def score_shard(ctx: RunContext, shard: int, samples_uri: str) -> str:
     """The stage as a plain function; returns the scores file URI (a row per restored face)."""
     samples = by_face(SAMPLES.read(samples_uri))
     faces = DETECT_FACES.read(DETECT_FACES.shard_uri(ctx.work, shard))
     restored = [(f, samples[key]) for f in faces if (key := (f["image_id"], f["face_index"])) in samples]
     restored = [(f, s) for f, s in restored if s["sample_status"] == "ok"]
-    scorer = identity_scorer() if restored else None
+    # Checked here too, so that a missing metric is logged in the run's own log (and nothing is sent).
+    available = bool(restored) and identity_scorer() is not None
+    pairs = [(sample["restored_uri"], face["crop_uri"]) for face, sample in restored]
+    values = spread_chunks(identity_similarities, pairs, min_chunk=MIN_FACES_PER_TASK) if available else []
     rows = [
         {
             "shard": shard,
             "image_id": face["image_id"],
             "face_index": face["face_index"],
-            "identity_similarity": similarity_or_none(
-                scorer, read_png(sample["restored_uri"]), read_png(face["crop_uri"])
-            ),
+            "identity_similarity": values[k] if available else None,
         }
-        for face, sample in restored
+        for k, (face, _) in enumerate(restored)
     ]
     return SCORES.write(SCORES.shard_uri(ctx.work, shard), rows)
 

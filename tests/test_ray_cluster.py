@@ -133,3 +133,30 @@ def test_train_complete_joins_the_cluster_and_trains_on_both_nodes(
     alone = trained("alone", 0, None)  # this process, no Ray
     for key in alone:
         torch.testing.assert_close(on_cluster[key], alone[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_scores_spread_over_the_free_cpus_of_both_nodes(two_node_cluster, tmp_path: Path):
+    """The score stage's dlib work goes to Ray tasks on the cluster's free CPUs, in order, with the
+    values the driver computes; too few faces for two tasks stay in this process."""
+    import os
+
+    import ray
+
+    from tasks.score import identity_similarities, spread_chunks
+
+    def where(items: list[int]) -> list[tuple[str, int, int]]:
+        return [(ray.get_runtime_context().get_node_id(), os.getpid(), item) for item in items]
+
+    spread = spread_chunks(where, list(range(20)), min_chunk=8)
+    assert [item for *_, item in spread] == list(range(20))
+    assert {node for node, *_ in spread} == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert {pid for _, pid, _ in spread_chunks(where, list(range(15)), min_chunk=8)} == {os.getpid()}
+
+    pairs = []
+    for k in range(4):
+        face = np.roll(synthetic_face(64), 3 * k, axis=1)
+        write_png(str(tmp_path / f"crop{k}.png"), face)
+        write_png(str(tmp_path / f"restored{k}.png"), np.clip(face.astype(int) + 9, 0, 255).astype(np.uint8))
+        pairs.append((str(tmp_path / f"restored{k}.png"), str(tmp_path / f"crop{k}.png")))
+    on_cluster = spread_chunks(identity_similarities, pairs, min_chunk=2)
+    assert on_cluster == identity_similarities(pairs) and all(v is not None for v in on_cluster)
