@@ -185,26 +185,31 @@ def test_restart_from_a_mid_stage_checkpoint_gives_the_same_weights(
             torch.testing.assert_close(a[comp][key], b[comp][key], rtol=0, atol=0, msg=f"{comp}.{key}")
 
 
-def test_checkpoints_on_s3_resume_to_the_weights_of_a_local_run(
+def test_data_and_checkpoints_on_s3_give_the_weights_of_a_local_run(
     base: Path, faces: Path, tmp_path: Path
 ) -> None:
-    """`--checkpoint-uri s3://...` (moto on loopback): a run stopped mid-stage and resumed from its S3
-    checkpoints ends with the weights of an uninterrupted run with local checkpoints."""
+    """`--data s3://...` and `--checkpoint-uri s3://...` (moto on loopback): a run stopped mid-stage and
+    resumed from its S3 checkpoints ends with the weights of an uninterrupted run on the same faces in a
+    local folder with local checkpoints."""
     import s3fs
 
-    data = str(faces)
     local = complete(
-        str(base), str(tmp_path / "local"), data, replace(QUICK, checkpoint_uri=str(tmp_path / "c"))
+        str(base), str(tmp_path / "local"), str(faces), replace(QUICK, checkpoint_uri=str(tmp_path / "c"))
     )
     with s3_environment("ckpt"):
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.put(str(faces) + "/", "ckpt/faces/", recursive=True)
+        data = "s3://ckpt/faces"
         on_s3 = replace(QUICK, checkpoint_uri="s3://ckpt/run1", checkpoint_every=1)
         stopped = complete(str(base), str(tmp_path / "split"), data, on_s3, stop=("dgsa", 1))
         assert not stopped.finished and stopped.stopped == "dgsa at step 1"
-        stored = s3fs.S3FileSystem(skip_instance_cache=True).find("ckpt/run1")
+        stored = fs.find("ckpt/run1")
         assert {"ckpt/run1/run.json", "ckpt/run1/sde/last.pt", "ckpt/run1/dgsa/last.pt"} <= set(stored)
         with pytest.raises(FileExistsError, match="--resume"):  # the S3 checkpoints are found
             complete(str(base), str(tmp_path / "split"), data, on_s3)
         resumed = complete(str(base), str(tmp_path / "split"), data, replace(on_s3, resume=True))
+    training = json.loads((tmp_path / "split" / "training.json").read_text())
+    assert training["data"]["faces"] == 6 and training["data"]["uri"] == data
     assert local.finished and resumed.finished and resumed.checkpoints == "s3://ckpt/run1"
     a, b = _stage_weights(tmp_path / "local"), _stage_weights(tmp_path / "split")
     for comp in a:
