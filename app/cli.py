@@ -11,6 +11,8 @@
     dynface pack random DIR [--resolution 32]
     dynface pack pin PACK --out DIR [--weights-dir DIR]
     dynface pack hash PACK [--weights-dir DIR]
+    dynface evaluate [--pack PACK] [--hq DIR] [--methods M,...] [--out DIR] [--split test] ...
+    dynface train starter OUT [--quick] ...; dynface train complete BASE OUT --data URI ... (app/train_cli.py)
 
 Each subcommand is added by one `add_*_command(subparsers)` function listed in `SUBCOMMANDS`
 (no plugin discovery): a new command is one more function and one more entry. Heavy imports
