@@ -131,15 +131,19 @@ def prefect(service: Service, *args: str, timeout: float) -> subprocess.Complete
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 
+def run_deployment(
+    service: Service, name: str, params: dict[str, object], *, watch_s: int
+) -> subprocess.CompletedProcess[str]:
+    """`prefect deployment run NAME --param K=V ... --watch`, as a user types it."""
+    flags = [arg for key, value in params.items() for arg in ("--param", f"{key}={value}")]
+    watch = ["--watch", "--watch-timeout", str(watch_s)]
+    return prefect(service, "deployment", "run", name, *flags, *watch, timeout=watch_s + 60)
+
+
 def run_nightly(
     service: Service, params: dict[str, object], *, watch_s: int
 ) -> subprocess.CompletedProcess[str]:
-    """`prefect deployment run restore-archive/nightly --param K=V ... --watch`, as a user types it."""
-    flags = [arg for key, value in params.items() for arg in ("--param", f"{key}={value}")]
-    watch = ["--watch", "--watch-timeout", str(watch_s)]
-    return prefect(
-        service, "deployment", "run", "restore-archive/nightly", *flags, *watch, timeout=watch_s + 60
-    )
+    return run_deployment(service, "restore-archive/nightly", params, watch_s=watch_s)
 
 
 def test_service_binds_loopback_and_registers_the_nightly_deployment(service: Service):
@@ -208,6 +212,25 @@ def test_bad_parameters_fail_the_flow_run_before_anything_is_written(service: Se
         logs = prefect(service, "flow-run", "logs", _flow_run_id(run.stdout), timeout=60)
         assert message in logs.stdout, logs.stdout
     assert not dest.exists()
+
+
+def test_train_complete_deployment_completes_a_pack(service: Service, archive, tmp_path: Path):
+    """`prefect deployment run train-complete/on-demand` with the options object as JSON, run by the
+    worker: the completed pack verifies and has the trained components."""
+    from dynface.packs.manifest import verify_pack
+
+    src, pack = archive
+    out = tmp_path / "completed"
+    options = {"quick": True, "steps": {"sde": 1, "se": 1, "dgsa": 1}, "degrade_resolution": 64}
+    options["checkpoint_uri"] = str(tmp_path / "checkpoints")
+    params = {"base": pack, "out": out, "data": src, "options": json.dumps(options)}
+    run = run_deployment(service, "train-complete/on-demand", params, watch_s=240)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Completed" in run.stdout
+    manifest = verify_pack(str(out))
+    assert {"tm", "sde", "dgsa", "dsst"} <= set(manifest.components)  # SE = TM + SDE
+    training = json.loads((out / "training.json").read_text())
+    assert {k: v["steps"] for k, v in training["stages"].items()} == {"sde": 1, "se": 1, "dgsa": 1}
 
 
 def _flow_run_id(output: str) -> str:
