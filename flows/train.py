@@ -1,7 +1,9 @@
-"""Prefect flows for training: `train-starter` (the whole recipe) and one flow per component.
+"""Prefect flows for training: `train-starter` (the whole recipe), one flow per component, and
+`train-complete` (a base pack's missing components).
 
-Thin wrappers over `dynface.train`: every flow takes plain parameters (paths, numbers), trains or resumes
-in `work_dir/<stage>` and returns a JSON-ready summary. Component flows that need earlier stages (SE needs
+Thin wrappers over `dynface.train`: every flow takes its paths and one `options` value (StarterOptions or
+CompleteOptions; JSON from a deployment), trains or resumes in `work_dir/<stage>` (the component flows)
+and returns a JSON-ready summary. Component flows that need earlier stages (SE needs
 RM and SDE, DGSA needs prior, RM, SE and the DSST table) reload those stages' finished checkpoints from the
 same `work_dir`, so run them in the recipe's order or use `train-starter`. RM, SE and DGSA train on the
 recipe's pair pools (`recipe_pools`), as in `train-starter`.
