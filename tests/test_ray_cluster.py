@@ -139,12 +139,16 @@ def test_scores_spread_over_the_free_cpus_of_both_nodes(two_node_cluster, tmp_pa
     """The score stage's dlib work goes to Ray tasks on the cluster's free CPUs, in order, with the
     values the driver computes; too few faces for two tasks stay in this process."""
     import os
+    import time
 
     import ray
 
     from tasks.score import identity_similarities, spread_chunks
 
     def where(items: list[int]) -> list[tuple[str, int, int]]:
+        # A chunk takes seconds, as a chunk of dlib work does: an instant task lets Ray run the next one
+        # on the worker it has already leased instead of on the other node.
+        time.sleep(1.0)
         return [(ray.get_runtime_context().get_node_id(), os.getpid(), item) for item in items]
 
     spread = spread_chunks(where, list(range(20)), min_chunk=8)
