@@ -22,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from tasks.tables import DETECT_FACES, SAMPLES, SCORES, by_face
-from tasks.work import RunContext, read_png, stage_task
+from tasks.work import RunContext, chunks, read_png, stage_task
 
 Similarity = Callable[[np.ndarray, np.ndarray], float]
 log = logging.getLogger(__name__)
@@ -72,14 +72,13 @@ def spread_chunks(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], *, m
     process. The tasks ask for no CPU of their own: their number is bounded by the CPUs found free, and a
     task waiting for a CPU that long-lived sampling actors hold would wait forever. SPREAD: over the
     nodes, not all on the driver's."""
-    chunks = min(free_cpus(), len(items) // min_chunk)
-    if chunks < 2:
+    tasks = min(free_cpus(), len(items) // min_chunk)
+    if tasks < 2:
         return fn(items)
     import ray
 
-    size = -(-len(items) // chunks)
     remote = ray.remote(num_cpus=0, max_retries=1, scheduling_strategy="SPREAD")(fn)
-    parts = ray.get([remote.remote(items[i : i + size]) for i in range(0, len(items), size)])
+    parts = ray.get([remote.remote(part) for part in chunks(items, -(-len(items) // tasks))])
     return [value for part in parts for value in part]
 
 
@@ -89,18 +88,20 @@ def score_shard(ctx: RunContext, shard: int, samples_uri: str) -> str:
     faces = DETECT_FACES.read(DETECT_FACES.shard_uri(ctx.work, shard))
     restored = [(f, samples[key]) for f in faces if (key := (f["image_id"], f["face_index"])) in samples]
     restored = [(f, s) for f, s in restored if s["sample_status"] == "ok"]
-    # Checked here too, so that a missing metric is logged in the run's own log (and nothing is sent).
-    available = bool(restored) and identity_scorer() is not None
     pairs = [(sample["restored_uri"], face["crop_uri"]) for face, sample in restored]
-    values = spread_chunks(identity_similarities, pairs, min_chunk=MIN_FACES_PER_TASK) if available else []
+    # Checked here too, so that a missing metric is logged in the run's own log (and nothing is sent).
+    if restored and identity_scorer() is not None:
+        values = spread_chunks(identity_similarities, pairs, min_chunk=MIN_FACES_PER_TASK)
+    else:
+        values = [None] * len(pairs)
     rows = [
         {
             "shard": shard,
             "image_id": face["image_id"],
             "face_index": face["face_index"],
-            "identity_similarity": values[k] if available else None,
+            "identity_similarity": value,
         }
-        for k, (face, _) in enumerate(restored)
+        for (face, _), value in zip(restored, values, strict=True)
     ]
     return SCORES.write(SCORES.shard_uri(ctx.work, shard), rows)
 
