@@ -15,20 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from prefect import flow
 
 from dynface.train.chain import transfer_model
 from dynface.train.common import LoopResult
 from dynface.train.complete_plan import CompleteOptions
-from dynface.train.data import (
-    EXCLUDED_SOURCES,
-    FaceFile,
-    list_faces,
-    load_faces,
-    split_faces,
-    without_sources,
-)
 from dynface.train.dgsa import dists_loss, train_dgsa
 from dynface.train.plan import StarterPlan
 from dynface.train.prior import train_prior
@@ -36,7 +27,9 @@ from dynface.train.restorer_net import train_rm
 from dynface.train.sde import train_sde
 from dynface.train.se import train_se
 from dynface.train.starter import (
+    RecipeFaces,
     RecipePools,
+    recipe_faces,
     recipe_pools,
     recipe_rm_pairs,
     recipe_stages,
@@ -52,27 +45,20 @@ DEFAULT_COMPLETE = CompleteOptions()
 @dataclass(frozen=True, eq=False)
 class _Setup:
     plan: StarterPlan
-    images: np.ndarray  # training faces at the pack resolution
-    data: Path
-    listing: list[FaceFile]  # every face of `data`, excluded sources included
-    train_files: list[FaceFile]
+    faces: RecipeFaces
     seed: int
 
     def pools(self) -> RecipePools:
-        return recipe_pools(self.data, self.listing, self.train_files, self.plan, self.seed)
+        f = self.faces
+        return recipe_pools(f.data, f.listing, f.train_files, self.plan, self.seed)
 
 
 def _setup(options: StarterOptions, threads: int) -> _Setup:
-    """The recipe's plan, data split and training faces for one component flow (no progress lines)."""
+    """The recipe's plan and faces for one component flow (no progress lines)."""
     import torch
 
     torch.set_num_threads(threads)
-    plan = replace(options, progress=False).plan()
-    data = options.data()
-    listing = list_faces(data, exclude=())
-    train_files, _ = split_faces(without_sources(listing, EXCLUDED_SOURCES))
-    images = load_faces(data, train_files, options.resolution)
-    return _Setup(plan, images, data, listing, train_files, options.seed)
+    return _Setup(replace(options, progress=False).plan(), recipe_faces(options), options.seed)
 
 
 def _summary(result: LoopResult) -> dict[str, Any]:
@@ -111,7 +97,7 @@ def train_prior_flow(
     work_dir: str, options: StarterOptions = DEFAULT_OPTIONS, threads: int = 1
 ) -> dict[str, Any]:
     s = _setup(options, threads)
-    return _summary(train_prior(s.images, Path(work_dir) / "prior", s.plan.prior))
+    return _summary(train_prior(s.faces.images, Path(work_dir) / "prior", s.plan.prior))
 
 
 @flow(name="train-rm")
@@ -120,8 +106,8 @@ def train_rm_flow(
 ) -> dict[str, Any]:
     """RM on the recipe's pool, or on fresh pairs (`options.rm_pairs`, `options.pair_workers`)."""
     s = _setup(options, threads)
-    pairs = recipe_rm_pairs(s.data, s.train_files, s.pools(), s.plan, s.seed)
-    return _summary(train_rm(s.images, Path(work_dir) / "rm", s.plan.rm, pairs=pairs))
+    pairs = recipe_rm_pairs(s.faces.data, s.faces.train_files, s.pools(), s.plan, s.seed)
+    return _summary(train_rm(s.faces.images, Path(work_dir) / "rm", s.plan.rm, pairs=pairs))
 
 
 @flow(name="train-sde")
@@ -129,7 +115,7 @@ def train_sde_flow(
     work_dir: str, options: StarterOptions = DEFAULT_OPTIONS, threads: int = 1
 ) -> dict[str, Any]:
     s = _setup(options, threads)
-    return _summary(train_sde(s.images, Path(work_dir) / "sde", s.plan.sde))
+    return _summary(train_sde(s.faces.images, Path(work_dir) / "sde", s.plan.sde))
 
 
 @flow(name="train-se")
@@ -138,7 +124,7 @@ def train_se_flow(
 ) -> dict[str, Any]:
     """Needs finished RM and SDE stages in `work_dir`."""
     s = _setup(options, threads)
-    plan, images, work, pool = s.plan, s.images, Path(work_dir), s.pools().restore
+    plan, images, work, pool = s.plan, s.faces.images, Path(work_dir), s.pools().restore
     rm = train_rm(images, work / "rm", plan.rm, pairs=pool)
     sde = train_sde(images, work / "sde", plan.sde)
     tm = transfer_model(rm.model, plan.rm.swinir)
@@ -158,7 +144,7 @@ def train_dgsa_flow(
     guidance DGSA learns to modulate — give the ζ the pack will sample with (`train-starter` tunes ζ on
     held-out faces before DGSA and records it in the manifest's sampler); None: the plan's default."""
     s = _setup(options, threads)
-    plan, images, work, pools = s.plan, s.images, Path(work_dir), s.pools()
+    plan, images, work, pools = s.plan, s.faces.images, Path(work_dir), s.pools()
     prior = train_prior(images, work / "prior", plan.prior)
     rm = train_rm(images, work / "rm", plan.rm, pairs=pools.restore)
     perceptual = dists_loss(options.vgg16, options.dists_head) if options.vgg16 else None

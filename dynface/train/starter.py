@@ -145,6 +145,32 @@ def build_starter_dsst(images: np.ndarray, plan: StarterPlan, *, source: str) ->
 
 
 @dataclass(frozen=True, eq=False)
+class RecipeFaces:
+    """The faces a starter run reads: every face of the data folder (excluded sources included: the extra
+    pools come from them), the training and held-out splits of the kept ones, and the training faces at
+    the pack resolution."""
+
+    data: Path
+    listing: list[FaceFile]
+    train_files: list[FaceFile]
+    held_files: list[FaceFile]
+    images: np.ndarray
+    excluded_sources: tuple[str, ...]  # kept out of both splits
+
+
+def recipe_faces(options: StarterOptions) -> RecipeFaces:
+    """The faces of `options.data()` split as the recipe splits them (dynface.splits, `exclude_sources`)."""
+    data = options.data()
+    listing = list_faces(data, exclude=())
+    excluded = EXCLUDED_SOURCES if options.exclude_sources is None else options.exclude_sources
+    train_files, held_files = split_faces(without_sources(listing, excluded))
+    if not train_files:
+        raise ValueError("every face is held out: nothing to train on")
+    images = load_faces(data, train_files, options.resolution)
+    return RecipeFaces(data, listing, train_files, held_files, images, tuple(excluded))
+
+
+@dataclass(frozen=True, eq=False)
 class RecipePools:
     """The recipe's training pairs: `base` from the training faces (DGSA; SE and RM through `restore`),
     `restore` = `base` + the pairs of `extra_files` (RM and SE)."""
@@ -249,15 +275,16 @@ def train_starter(out_dir: str | Path, options: StarterOptions | None = None) ->
     resolution, seed, device = o.resolution, o.seed, o.device
     on_gpu = torch.device(device).type == "cuda"
     out = Path(out_dir)
-    data = o.data()
     work = o.work(out)
     plan = o.plan()
-    listing = list_faces(data, exclude=())
-    excluded = EXCLUDED_SOURCES if o.exclude_sources is None else o.exclude_sources
-    train_files, held_files = split_faces(without_sources(listing, excluded))
-    if not train_files:
-        raise ValueError("every face is held out: nothing to train on")
-    images = load_faces(data, train_files, resolution)
+    faces = recipe_faces(o)
+    data, listing, train_files, held_files, images = (
+        faces.data,
+        faces.listing,
+        faces.train_files,
+        faces.held_files,
+        faces.images,
+    )
 
     prior_masked = ""
     if o.reuse_prior is not None:
@@ -370,7 +397,7 @@ def train_starter(out_dir: str | Path, options: StarterOptions | None = None) ->
         pool=f"{pool.lq.shape[0]} pairs ({plan.pool_per_image} per training face, degraded at "
         f"{plan.degrade_resolution} px)",
         notes=o.notes,
-        excluded_sources=tuple(excluded) or None,
+        excluded_sources=faces.excluded_sources or None,
         extra_files=tuple(extra_files),
         extra_pool=(
             f"{restore_pool.lq.shape[0] - pool.lq.shape[0]} pairs ({plan.extra_pool_per_image} per face, "
