@@ -33,13 +33,14 @@ import pandas as pd
 from dynface.evaluation_summary import Frechet, excludes_zero, frechet_or_reason, summarise
 from dynface.images.degrade import DIFFACE_RANGES, celeba_test_grid, degrade_pair, random_test_params
 from dynface.images.folders import iter_images
+from dynface.images.imageio import content_hash
 from dynface.metrics.arrays import resize_u8
 from dynface.metrics.fid import FeatureExtractor, dlib_descriptor_extractor
 from dynface.metrics.fidelity import psnr, ssim
 from dynface.metrics.identity import ID_SIZE, IdentityEmbedder, identity_distance, landmark_distance
 from dynface.metrics.supplied import SuppliedMetrics
 from dynface.restorer import Restorer
-from dynface.splits import DEFAULT_SPLIT_RULE, SplitName, SplitRule, sha256_bytes
+from dynface.splits import DEFAULT_SPLIT_RULE, SplitName, SplitRule
 
 # The ablation ladder: row label -> method ("lq" is the degraded input itself).
 ABLATION: tuple[tuple[str, str], ...] = (
@@ -101,7 +102,7 @@ def build_eval_set(
         # Entries are file names or paths relative to any parent of the files (e.g. MANIFEST.csv's).
         wanted = [n.strip("/") for n in names]
         paths = [p for p in paths if any(p == w or p.endswith("/" + w) for w in wanted)]
-    digests = {p: sha256_bytes(fs.cat_file(p)) for p in paths}
+    digests = {p: content_hash(fs.cat_file(p)) for p in paths}
     if split is not None:
         paths = [p for p in paths if rule.split_of(digests[p]) == split]
     if limit is not None:

@@ -8,7 +8,6 @@ pack's manifest (`splits`) so that anyone can recompute which face is where.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -61,10 +60,6 @@ class SplitRule:
 
 
 DEFAULT_SPLIT_RULE = SplitRule()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def names_in_split(
