@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dynface.paths import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 STEPS = ("env", "golden", "syncs", "loops", "full", "train", "options", "compile")
 
@@ -68,3 +71,26 @@ def test_gpu_check_cpu_smoke_runs_from_a_bare_copy(tmp_path: Path) -> None:
     assert "== train" in (out / "full.txt").read_text()  # train shares full's file
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8  # what the device tool brings back from $OUT
+
+
+def test_compile_takes_eager_from_this_runs_options_step(tmp_path: Path) -> None:
+    """The compile step spends its limit on compiling: eager s/step is the options step's row with the
+    same defaults and precision, on the same device, read from this run's results."""
+    from gpu_check import _eager_measured
+    from gpu_check_setup import Check
+
+    results = tmp_path / "results.jsonl"
+    check = Check(torch.device("cpu"), True, 60.0, results, 0.0)
+    assert _eager_measured(check) is None  # no results yet: the compile step measures eager itself
+    other = Check(torch.device("meta"), True, 60.0, results, 0.0)
+    other.record("options", {"fp32, TF32 off (default)": {"s_per_step": 9.0}})
+    check.record("env", {"torch": torch.__version__})
+    assert _eager_measured(check) is None  # another device's options step does not count
+    check.record(
+        "options",
+        {"bf16 eager (defaults)": {"s_per_step": 0.5}, "fp32, TF32 off (default)": {"s_per_step": 0.25}},
+    )
+    assert _eager_measured(check) == 0.25  # on a CPU the compile step runs fp32
+    cuda = Check(torch.device("cuda"), False, 60.0, results, 0.0)
+    cuda.record("options", {"bf16 eager (defaults)": {"s_per_step": 0.125}})
+    assert _eager_measured(cuda) == 0.125
