@@ -339,24 +339,27 @@ def step_options(check: Check) -> None:
     """Per-step time of our sampler (dps, every face active) under each speed option of RestoreConfig."""
     nets, diffusion, batch, steps = _options_batch(check)
     kw = {"dgsa": nets.dgsa, "std_range": nets.std_range}
+    # (label, precision, options, DGSA on). DGSA runs in fp32 beside a bf16 prior; the row without it
+    # tells what that costs (about 22 GFLOP per face-step at 512, without tensor cores).
     variants = [
-        ("bf16 eager (defaults)", "bf16", SpeedOptions()),
-        ("bf16 channels_last", "bf16", SpeedOptions(channels_last=True)),
-        ("bf16 cudnn_benchmark off", "bf16", SpeedOptions(cudnn_benchmark=False)),
-        ("fp32, TF32 off (default)", "fp32", SpeedOptions()),
-        ("fp32, TF32 on", "fp32", SpeedOptions(tf32=True)),
+        ("bf16 eager (defaults)", "bf16", SpeedOptions(), True),
+        ("bf16 channels_last", "bf16", SpeedOptions(channels_last=True), True),
+        ("bf16 cudnn_benchmark off", "bf16", SpeedOptions(cudnn_benchmark=False), True),
+        ("bf16 without DGSA", "bf16", SpeedOptions(), False),
+        ("fp32, TF32 off (default)", "fp32", SpeedOptions(), True),
+        ("fp32, TF32 on", "fp32", SpeedOptions(tf32=True), True),
     ]
     print(f"{len(batch.seeds)} faces at {nets.resolution} px, {steps} dps steps, every face active")
     print(f"{'variant':<26} {'s/step':>9} {'x first':>8}")
     figures: dict = {}
     base = None
-    for label, precision, options in variants:
+    for label, precision, options, use_dgsa in variants:
         if check.left() < 10:
             print(f"{label:<26} skipped: out of time")
             continue
         set_backend_flags(check.device, options)
         prior = prepare_prior(nets.prior, options)
-        cfg = SamplerConfig(respacing="ddim250", precision=precision)
+        cfg = SamplerConfig(respacing="ddim250", precision=precision, use_dgsa=use_dgsa)
         sample(prior, diffusion, batch, cfg, **kw)  # warm-up: autotuning, allocator
         per = check.timed(lambda prior=prior, cfg=cfg: sample(prior, diffusion, batch, cfg, **kw)) / steps
         if options.channels_last:  # the conversion is in place: back to the default layout
