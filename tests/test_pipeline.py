@@ -279,6 +279,23 @@ def test_rerun_processes_nothing_new(aligned_run, pack):
     assert tree_hashes(src) == before
 
 
+def test_automatic_batch_size_runs_through_the_pipeline(aligned_run, pack, tmp_path):
+    """batch_size 0 ("auto"): the bucket stage cuts manifests of a fixed size and each actor splits them
+    into the batches its own memory holds; the faces are those of a fixed batch size."""
+    from flows.restore_archive import restore_archive
+
+    src, out, first, _ = aligned_run
+    auto = restore_archive(
+        source=str(src), dest=str(tmp_path / "auto"), pack=pack, aligned=True, shard_size=2,
+        options={**OPTIONS, "batch_size": 0}, guidance="closed_form",
+    )  # fmt: skip
+    assert auto.status == "completed" and auto.counts["ok"] == 5 and auto.n_faces == 5
+    for face in sorted((out / "faces").glob("*.png")):
+        fixed = np.asarray(Image.open(face).convert("RGB")).astype(int)
+        again = np.asarray(Image.open(tmp_path / "auto" / "faces" / face.name).convert("RGB")).astype(int)
+        assert np.abs(fixed - again).max() <= 2, face.name
+
+
 @pytest.mark.data
 def test_whole_image_run_detects_and_pastes_back(prefect_api, local_ray, pack, data_dir, tmp_path):
     from flows.restore_archive import restore_archive
