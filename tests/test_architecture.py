@@ -42,9 +42,7 @@ def _imports(path: Path, module: str) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {
-        _module_name(p): p for pkg in PACKAGES for p in sorted((REPO_ROOT / pkg).rglob("*.py"))
-    }
+    modules = {_module_name(p): p for pkg in PACKAGES for p in sorted((REPO_ROOT / pkg).rglob("*.py"))}
     graph = {}
     for name, path in modules.items():
         graph[name] = {m for m in _imports(path, name) if m in modules and m != name}

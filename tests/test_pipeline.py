@@ -150,7 +150,9 @@ def test_discover_keys_by_content_skips_outputs_and_duplicates(tmp_path: Path, p
     shards = [read_rows(uri) for uri in found.shards]
     # A duplicate travels in its original's shard, right after it; shards hold about shard_size rows.
     assert [[r["relative_path"] for r in rows] for rows in shards] == [
-        ["a.jpg", "sub/a_copy.jpg"], ["b.PNG", "e.gif"], ["sub/c.png", "sub/deeper/d.webp"]
+        ["a.jpg", "sub/a_copy.jpg"],
+        ["b.PNG", "e.gif"],
+        ["sub/c.png", "sub/deeper/d.webp"],
     ]
     rows = [row for part in shards for row in part]
     expected = {name: sha256(src / name) for name in ALIGNED_FILES}

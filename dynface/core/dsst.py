@@ -314,7 +314,6 @@ class DSSTTable:
         return cls(**{name: data[name] for name in cls.__dataclass_fields__})
 
 
-
 def _std_grid(std_min: float, std_max: float, std_step: float) -> np.ndarray:
     if not 0 < std_min <= std_max or not std_step > 0:
         raise ValueError(
