@@ -34,7 +34,11 @@ def ray_with_one_gpu(tmp_path_factory: pytest.TempPathFactory):
         mp.setenv(RAY_HOME_ENV, str(tmp_path_factory.mktemp("ray-home")))
         mp.delenv("RAY_ADDRESS", raising=False)
         with ray_start_environment():
-            ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+            # address="local": without it Ray joins a cluster that `ray start` recorded on this machine,
+            # e.g. one a test in another pytest worker has running at the time.
+            ray.init(
+                address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING"
+            )
         try:
             yield
         finally:
