@@ -22,6 +22,13 @@ from collections.abc import Iterator
 
 PR_SET_PDEATHSIG = 1
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+# A port found free can be taken by another process before uvicorn binds it (seen with Ray starting
+# beside a run); the server then exits at once and is started again on another port.
+START_ATTEMPTS = 3
+
+
+class ServerExited(RuntimeError):
+    """The server process ended before it answered (typically: its port was taken meanwhile)."""
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -61,7 +68,7 @@ def wait_healthy(process: subprocess.Popen[bytes], api_url: str, timeout: float)
     with httpx.Client() as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"the Prefect server exited with code {process.returncode} while starting")
+                raise ServerExited(f"the Prefect server exited with code {process.returncode} while starting")
             with contextlib.suppress(httpx.HTTPError):
                 if client.get(f"{api_url}/health", timeout=2).status_code == 200:
                     return
@@ -79,11 +86,8 @@ def prefect_api() -> Iterator[str]:
     if configured:
         yield configured
         return
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    process = start_server(port)
+    process, api_url = _start_healthy(float(os.environ.get(STARTUP_TIMEOUT_ENV, "120")))
     try:
-        wait_healthy(process, api_url, float(os.environ.get(STARTUP_TIMEOUT_ENV, "120")))
         with temporary_settings({PREFECT_API_URL: api_url}):
             yield api_url
     finally:
@@ -93,3 +97,23 @@ def prefect_api() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _start_healthy(timeout: float) -> tuple[subprocess.Popen[bytes], str]:
+    """A healthy server and its API URL; a server that exits while starting is tried again on a new
+    port, up to START_ATTEMPTS times."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        port = _free_port()
+        api_url = f"http://127.0.0.1:{port}/api"
+        process = start_server(port)
+        try:
+            wait_healthy(process, api_url, timeout)
+            return process, api_url
+        except ServerExited:
+            if attempt == START_ATTEMPTS:
+                raise
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    raise AssertionError("unreachable")
