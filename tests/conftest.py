@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 
 # A test is a golden test when it uses the golden_dir fixture, a shared-data test when it uses data_dir;
 # collection marks them so the reports that reach the xdist controller carry the kind.
-_KIND_OF_FIXTURE = {"golden_dir": "golden", "data_dir": "data", "shared_golden_dir": "shared_golden"}
+_KIND_OF_FIXTURE = {"golden_dir": "golden", "data_dir": "data"}
 
 
 def shared_data_present() -> bool:
@@ -41,15 +41,6 @@ def golden_dir() -> Path:
     if not (GOLDEN_DIR / "README.md").is_file():
         pytest.skip(f"GOLDEN VECTORS MISSING: {GOLDEN_DIR} not found; a golden test cannot run")
     return GOLDEN_DIR
-
-
-@pytest.fixture(scope="session")
-def shared_golden_dir() -> Path:
-    """The project's shared golden set the repository's copies come from (only to check the copies)."""
-    path = shared_dir() / "golden"
-    if not path.is_dir():
-        pytest.skip(f"SHARED GOLDEN SET MISSING: {path} not found (set DYNFACE_SHARED); copies not compared")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -70,15 +61,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 _forbidden_skips: list[str] = []
 
 
-def forbidden_skip(kinds: set[str], *, data_present: bool, shared_golden_present: bool) -> bool:
+def forbidden_skip(kinds: set[str], *, data_present: bool) -> bool:
     """Whether a skipped test of these kinds must fail the run."""
-    if "shared_golden" in kinds:  # compares the repository's copies with their source: needs the source
-        kinds = kinds - {"golden"}
-    return (
-        "golden" in kinds
-        or ("data" in kinds and data_present)
-        or ("shared_golden" in kinds and shared_golden_present)
-    )
+    return "golden" in kinds or ("data" in kinds and data_present)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -86,8 +71,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if not report.skipped:
         return
     kinds = {kind for kind in _KIND_OF_FIXTURE.values() if kind in report.keywords}
-    data, shared_golden = shared_data_present(), (shared_dir() / "golden").is_dir()
-    if kinds and forbidden_skip(kinds, data_present=data, shared_golden_present=shared_golden):
+    if kinds and forbidden_skip(kinds, data_present=shared_data_present()):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _forbidden_skips.append(f"{report.nodeid} ({', '.join(sorted(kinds))}): {reason}")
 
