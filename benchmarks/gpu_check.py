@@ -335,6 +335,12 @@ def _options_batch(check: Check):
     return nets, diffusion, batch, steps
 
 
+# The options step's rows with SpeedOptions' defaults; the one in the compile step's precision (bf16 on a
+# GPU, fp32 on a CPU) is what compile-one runs in eager mode.
+EAGER_BF16, EAGER_FP32 = "bf16 eager (defaults)", "fp32, TF32 off (default)"
+EAGER_ROW = {"cuda": EAGER_BF16, "cpu": EAGER_FP32}
+
+
 def step_options(check: Check) -> None:
     """Per-step time of our sampler (dps, every face active) under each speed option of RestoreConfig."""
     nets, diffusion, batch, steps = _options_batch(check)
@@ -342,11 +348,11 @@ def step_options(check: Check) -> None:
     # (label, precision, options, DGSA on). DGSA runs in fp32 beside a bf16 prior; the row without it
     # tells what that costs (about 22 GFLOP per face-step at 512, without tensor cores).
     variants = [
-        ("bf16 eager (defaults)", "bf16", SpeedOptions(), True),
+        (EAGER_BF16, "bf16", SpeedOptions(), True),
         ("bf16 channels_last", "bf16", SpeedOptions(channels_last=True), True),
         ("bf16 cudnn_benchmark off", "bf16", SpeedOptions(cudnn_benchmark=False), True),
         ("bf16 without DGSA", "bf16", SpeedOptions(), False),
-        ("fp32, TF32 off (default)", "fp32", SpeedOptions(), True),
+        (EAGER_FP32, "fp32", SpeedOptions(), True),
         ("fp32, TF32 on", "fp32", SpeedOptions(tf32=True), True),
     ]
     print(f"{len(batch.seeds)} faces at {nets.resolution} px, {steps} dps steps, every face active")
@@ -414,10 +420,6 @@ def step_compile(check: Check) -> None:
             f"{base / result['s_per_step']:>7.2f}x"
         )
     check.record("compile", figures)
-
-
-# The options step's row that runs what compile-one runs in eager mode: SpeedOptions' defaults, bf16 on a GPU.
-EAGER_ROW = {"cuda": "bf16 eager (defaults)", "cpu": "fp32, TF32 off (default)"}
 
 
 def _eager_measured(check: Check) -> float | None:
